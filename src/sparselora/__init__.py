@@ -1,0 +1,23 @@
+"""SparseLoRA: faster LoRA fine-tuning through contextual sparsity on the frozen main branch."""
+
+__version__ = "0.1.0"
+
+from sparselora.apply import SparseLoRA, apply_sparselora  # noqa: E402
+from sparselora.config import ConfigError, SparseLoRAConfig  # noqa: E402
+from sparselora.estimator import Estimator, EstimatorCache, EstimatorMismatchError  # noqa: E402
+from sparselora.presets import PRESETS, get_preset  # noqa: E402
+from sparselora.schedule import SparseLoRACallback, SparseSchedule  # noqa: E402
+
+__all__ = [
+    "ConfigError",
+    "Estimator",
+    "EstimatorCache",
+    "EstimatorMismatchError",
+    "PRESETS",
+    "SparseLoRA",
+    "SparseLoRACallback",
+    "SparseLoRAConfig",
+    "SparseSchedule",
+    "apply_sparselora",
+    "get_preset",
+]

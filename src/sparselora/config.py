@@ -1,0 +1,320 @@
+"""`SparseLoRAConfig`: what to sparsify, how to choose channels, and when.
+
+Every field carries its help text in `metadata["help"]`. The config is validated once, on
+construction; inner code trusts it. Sparsity values are the fraction of channels REMOVED, as in
+the paper (0.9 keeps 10%).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+ESTIMATOR_KINDS = ("svd", "whitened_svd")
+FFN_CRITERIA = ("seq_mean", "per_token", "oracle", "random")
+ATTN_CRITERIA = ("norm", "oracle", "random")
+OUTPUT_TOKEN_MODES = ("dense", "sparse")
+
+
+class ConfigError(ValueError):
+    """A configuration value is invalid; the message names the field and what is allowed."""
+
+
+def parse_layer_spec(spec: str | int) -> list[int] | None:
+    """Turn `"13-29"`, `"3,5,7-9"`, `12` or `"all"` into a sorted list of 0-based layers.
+
+    Returns None for "all" (resolved against the model depth later).
+    """
+    if isinstance(spec, bool):
+        raise ConfigError(f"layer spec {spec!r} must be an int, 'a-b', 'a,b,c' or 'all'")
+    if isinstance(spec, int):
+        if spec < 0:
+            raise ConfigError(f"layer index {spec} must be >= 0")
+        return [spec]
+    text = str(spec).strip().lower()
+    if text == "all":
+        return None
+    layers: set[int] = set()
+    for part in text.split(","):
+        part = part.strip()
+        try:
+            if "-" in part:
+                lo, hi = (int(p) for p in part.split("-", 1))
+                if lo > hi or lo < 0:
+                    raise ValueError
+                layers.update(range(lo, hi + 1))
+            else:
+                value = int(part)
+                if value < 0:
+                    raise ValueError
+                layers.add(value)
+        except ValueError:
+            raise ConfigError(
+                f"layer spec {spec!r} is not understood; use an int, 'a-b' (inclusive, "
+                "0-based), a comma list such as '3,5,7-9', or 'all'"
+            ) from None
+    return sorted(layers)
+
+
+def _normalise_sparsity(name: str, value: Any) -> dict[str, float]:
+    if value is None:
+        return {}
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        value = {"all": value}
+    if not isinstance(value, dict):
+        raise ConfigError(
+            f"{name} must be a number (every layer) or a mapping of layer spec -> sparsity, "
+            f"got {type(value).__name__}"
+        )
+    out: dict[str, float] = {}
+    for spec, sparsity in value.items():
+        try:
+            parse_layer_spec(spec)
+        except ConfigError as err:
+            raise ConfigError(f"{name}: {err}") from None
+        if isinstance(sparsity, bool) or not isinstance(sparsity, (int, float)):
+            raise ConfigError(f"{name}[{spec!r}] must be a number in [0, 1), got {sparsity!r}")
+        if not 0.0 <= float(sparsity) < 1.0:
+            raise ConfigError(
+                f"{name}[{spec!r}] = {sparsity} is outside [0, 1): it is the fraction of "
+                "channels removed, so 0 is dense and 0.99 keeps 1%"
+            )
+        out[str(spec)] = float(sparsity)
+    return out
+
+
+def resolve_layers(name: str, sparsity: dict[str, float], num_layers: int) -> dict[int, float]:
+    """Map a layer-spec dict onto concrete layer indices of a model with `num_layers` layers.
+
+    Later entries override earlier ones. Layers with sparsity 0 are dropped (they run dense).
+    Raises ConfigError when a layer index is beyond the model depth.
+    """
+    per_layer: dict[int, float] = {}
+    for spec, value in sparsity.items():
+        layers = parse_layer_spec(spec)
+        if layers is None:
+            layers = list(range(num_layers))
+        too_deep = [i for i in layers if i >= num_layers]
+        if too_deep:
+            raise ConfigError(
+                f"{name}[{spec!r}] names layer {too_deep[0]}, but the model has {num_layers} "
+                f"layers (valid indices 0-{num_layers - 1}); is this preset for another model?"
+            )
+        for i in layers:
+            per_layer[i] = value
+    return {i: s for i, s in sorted(per_layer.items()) if s > 0.0}
+
+
+def _help(text: str) -> dict[str, str]:
+    return {"help": text}
+
+
+@dataclass
+class SparseLoRAConfig:
+    """Configuration of SparseLoRA's contextual sparsity on the frozen main branch."""
+
+    ffn_sparsity: dict[str, float] = field(
+        default_factory=dict,
+        metadata=_help(
+            "Fraction of FFN (gate/up/down) channels removed, per layer: a number for every "
+            "layer, or a mapping such as {'13-29': 0.9, 31: 0.5} (0-based, inclusive ranges)."
+        ),
+    )
+    attn_sparsity: dict[str, float] = field(
+        default_factory=dict,
+        metadata=_help(
+            "Fraction of attention projection channels removed (Q/K channels, V/O channels), "
+            "per layer; same format as ffn_sparsity."
+        ),
+    )
+    estimator: str = field(
+        default="whitened_svd",
+        metadata=_help(
+            "Sparsity estimator: 'svd' (the paper's: rank-r SVD of the weights alone) or "
+            "'whitened_svd' (rank-r SVD fitted to the real input covariance, calibrated on "
+            "the first training batches or on given calibration data)."
+        ),
+    )
+    estimator_rank: int = field(default=8, metadata=_help("Rank r of the estimator factors."))
+    ffn_criterion: str = field(
+        default="per_token",
+        metadata=_help(
+            "FFN channel score: 'seq_mean' (the paper's: activations of each sequence's mean "
+            "input, L2 over the batch), 'per_token' (L2 of the estimated activations over all "
+            "real tokens), 'oracle' (true activations, dense; for ablations), 'random'."
+        ),
+    )
+    attn_criterion: str = field(
+        default="norm",
+        metadata=_help(
+            "Attention channel score: 'norm' (the paper's: ||Q_c||*||K_c|| for Q/K and ||V_c|| "
+            "for V/O on estimated projections), 'oracle' (true projections), 'random'."
+        ),
+    )
+    exclude_padding: bool = field(
+        default=True,
+        metadata=_help(
+            "Score channels on real tokens only. False reproduces the reference, whose "
+            "sequence mean includes padding tokens."
+        ),
+    )
+    output_tokens: str = field(
+        default="dense",
+        metadata=_help(
+            "'dense': tokens with labels != -100 run the full model (the paper's setting); "
+            "'sparse': every token is sparse (an ablation; hurts accuracy)."
+        ),
+    )
+    sparse_without_labels: bool = field(
+        default=False,
+        metadata=_help(
+            "With no labels in the forward call (generation, custom losses), run sparse on "
+            "every real token instead of dense."
+        ),
+    )
+    sparse_in_eval: bool = field(
+        default=False,
+        metadata=_help("Stay sparse when the model is in eval mode (default: eval is dense)."),
+    )
+    start_step: float = field(
+        default=0.05,
+        metadata=_help("Fraction of optimizer steps run dense before sparsity starts."),
+    )
+    end_step: float = field(
+        default=1.0,
+        metadata=_help("Fraction of optimizer steps after which training returns to dense."),
+    )
+    sparse_lora_branch: bool = field(
+        default=False,
+        metadata=_help(
+            "Also restrict the LoRA branches of gate/up/down to the kept FFN channels. "
+            "Default False keeps LoRA dense, as in the paper."
+        ),
+    )
+    detach_sparse_base: bool = field(
+        default=False,
+        metadata=_help(
+            "Cut the input gradient through the sparse frozen projections, reproducing the "
+            "reference code's no_grad bug. For comparison only."
+        ),
+    )
+    calibration_tokens: int = field(
+        default=8192,
+        metadata=_help(
+            "whitened_svd: number of real tokens whose input covariance fits the factors."
+        ),
+    )
+    calibration_damping: float = field(
+        default=1e-2,
+        metadata=_help(
+            "whitened_svd: ridge added to the input covariance, relative to its mean diagonal."
+        ),
+    )
+    seed: int = field(default=0, metadata=_help("Seed of the 'random' criteria."))
+    preset: str | None = field(
+        default=None, metadata=_help("Name of the preset this config came from, if any.")
+    )
+
+    def __post_init__(self) -> None:
+        self.ffn_sparsity = _normalise_sparsity("ffn_sparsity", self.ffn_sparsity)
+        self.attn_sparsity = _normalise_sparsity("attn_sparsity", self.attn_sparsity)
+        _check_choice("estimator", self.estimator, ESTIMATOR_KINDS)
+        _check_choice("ffn_criterion", self.ffn_criterion, FFN_CRITERIA)
+        _check_choice("attn_criterion", self.attn_criterion, ATTN_CRITERIA)
+        _check_choice("output_tokens", self.output_tokens, OUTPUT_TOKEN_MODES)
+        _check_int("estimator_rank", self.estimator_rank, minimum=1)
+        _check_int("calibration_tokens", self.calibration_tokens, minimum=1)
+        _check_int("seed", self.seed, minimum=0)
+        for name in ("start_step", "end_step"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise ConfigError(f"{name} must be a fraction in [0, 1], got {value!r}")
+            if not 0.0 <= value <= 1.0:
+                raise ConfigError(f"{name} = {value} is outside [0, 1] (a fraction of steps)")
+        if self.start_step > self.end_step:
+            raise ConfigError(
+                f"start_step ({self.start_step}) must not exceed end_step ({self.end_step})"
+            )
+        if not self.calibration_damping >= 0.0:
+            raise ConfigError(f"calibration_damping must be >= 0, got {self.calibration_damping}")
+        for name in (
+            "exclude_padding",
+            "sparse_without_labels",
+            "sparse_in_eval",
+            "sparse_lora_branch",
+            "detach_sparse_base",
+        ):
+            if not isinstance(getattr(self, name), bool):
+                raise ConfigError(f"{name} must be true or false, got {getattr(self, name)!r}")
+
+    # -- construction --------------------------------------------------------------------
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> SparseLoRAConfig:
+        """Build from a plain dict; `preset: name` starts from that preset, keys override it."""
+        data = dict(data)
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ConfigError(
+                f"unknown SparseLoRA config field(s) {unknown}; allowed: {sorted(known)}"
+            )
+        preset = data.get("preset")
+        if preset is not None:
+            from sparselora.presets import get_preset
+
+            base = dataclasses.asdict(get_preset(preset))
+            base.update(data)
+            data = base
+        return cls(**data)
+
+    @classmethod
+    def from_preset(cls, name: str, **overrides: Any) -> SparseLoRAConfig:
+        """A named preset (see `sparselora.presets`), with optional field overrides."""
+        return cls.from_dict({"preset": name, **overrides})
+
+    @classmethod
+    def load(cls, path: str | Path) -> SparseLoRAConfig:
+        """Load from a .yaml/.yml or .json file."""
+        path = Path(path)
+        text = path.read_text()
+        data = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
+        if not isinstance(data, dict):
+            raise ConfigError(f"{path}: expected a mapping of SparseLoRA config fields")
+        return cls.from_dict(data)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def save(self, path: str | Path) -> None:
+        """Save as YAML (.yaml/.yml) or JSON (any other suffix)."""
+        path = Path(path)
+        data = self.to_dict()
+        if path.suffix in (".yaml", ".yml"):
+            path.write_text(yaml.safe_dump(data, sort_keys=False))
+        else:
+            path.write_text(json.dumps(data, indent=2) + "\n")
+
+    # -- derived -------------------------------------------------------------------------
+
+    def layer_sparsity(self, num_layers: int) -> tuple[dict[int, float], dict[int, float]]:
+        """(FFN, attention) sparsity per sparsified layer for a model of `num_layers` layers."""
+        return (
+            resolve_layers("ffn_sparsity", self.ffn_sparsity, num_layers),
+            resolve_layers("attn_sparsity", self.attn_sparsity, num_layers),
+        )
+
+
+def _check_choice(name: str, value: Any, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        raise ConfigError(f"{name} = {value!r} is not allowed; choose one of {list(allowed)}")
+
+
+def _check_int(name: str, value: Any, minimum: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ConfigError(f"{name} must be an integer >= {minimum}, got {value!r}")

@@ -1,0 +1,257 @@
+"""The SVD sparsity estimator: rank-r factors A (in, r), B (r, out) with x A B ≈ x W^T.
+
+Two kinds, both training-free:
+- `svd` (the paper): thin SVD of W^T, A = U_r sqrt(S_r), B = sqrt(S_r) V_r^T. Best for inputs
+  spread evenly over all directions.
+- `whitened_svd`: the rank-r minimiser of E||x (W^T - A B)||^2 over real inputs x. With the
+  input covariance C = L L^T (Cholesky), that is A B = L^-T [L^T W^T]_r; it spends the rank on
+  the directions the inputs actually occupy.
+
+Factors are float32 whatever the model dtype (a low-precision estimator makes scores tie).
+Files are safetensors with keys "{layer}.{proj}.w1" (in, r) and "{layer}.{proj}.w2" (r, out),
+the layout the paper's authors publish, plus metadata naming the model fingerprint.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import tempfile
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from tqdm.auto import tqdm
+
+logger = logging.getLogger(__name__)
+
+FORMAT = "sparselora-estimator"
+Key = tuple[int, str]  # (layer index, projection name)
+
+
+class EstimatorMismatchError(ValueError):
+    """An estimator file does not belong to this model (fingerprint, shapes or kind differ)."""
+
+
+def weights_fingerprint(weights: Mapping[Key, torch.Tensor]) -> str:
+    """A short hash of the frozen projection weights: names, shapes and 4096 strided values each.
+
+    Cheap enough for an 8B model (it reads a few thousand values per matrix, not every byte)
+    and changes whenever a checkpoint, a merge or a fine-tune changes the weights.
+    """
+    digest = hashlib.sha256()
+    for (layer, proj), weight in sorted(weights.items()):
+        flat = weight.detach().reshape(-1)
+        step = max(1, flat.numel() // 4096)
+        sample = flat[::step].to(device="cpu", dtype=torch.float32).contiguous()
+        digest.update(f"{layer}.{proj}:{tuple(weight.shape)}".encode())
+        digest.update(sample.numpy().tobytes())
+    return digest.hexdigest()[:32]
+
+
+def svd_factors(weight: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Balanced rank-r factors of W^T. weight: (out, in) -> A (in, r), B (r, out), float32."""
+    u, s, vh = torch.linalg.svd(weight.detach().float().T, full_matrices=False)
+    root = s[:rank].sqrt()
+    return (u[:, :rank] * root).contiguous(), (root.unsqueeze(1) * vh[:rank]).contiguous()
+
+
+def whitened_svd_factors(
+    weight: torch.Tensor, covariance: torch.Tensor, rank: int, damping: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rank-r factors minimising E||x(W^T - A B)||^2 for inputs of the given covariance.
+
+    weight: (out, in); covariance: (in, in) = E[x^T x]. Returns A (in, r), B (r, out), float32.
+    `damping` adds damping * mean(diag C) to the diagonal so C is safely positive definite.
+    """
+    w_t = weight.detach().float().T  # (in, out)
+    cov = covariance.to(w_t.device, torch.float64)
+    ridge = damping * cov.diagonal().mean().clamp_min(1e-12)
+    chol = torch.linalg.cholesky(
+        cov + ridge * torch.eye(cov.shape[0], dtype=cov.dtype, device=cov.device)
+    )
+    u, s, vh = torch.linalg.svd(chol.T @ w_t.double(), full_matrices=False)  # L^T W^T
+    root = s[:rank].sqrt()
+    a = torch.linalg.solve_triangular(chol.T, u[:, :rank] * root, upper=True)  # L^-T U_r sqrt(S)
+    return a.float().contiguous(), (root.unsqueeze(1) * vh[:rank]).float().contiguous()
+
+
+class Estimator:
+    """Low-rank factors for a set of (layer, projection) pairs of one model."""
+
+    def __init__(
+        self,
+        factors: dict[Key, tuple[torch.Tensor, torch.Tensor]],
+        kind: str,
+        rank: int,
+        fingerprint: str | None,
+        model_name: str | None = None,
+    ) -> None:
+        self.factors = factors
+        self.kind = kind
+        self.rank = rank
+        self.fingerprint = fingerprint
+        self.model_name = model_name
+
+    def __contains__(self, key: Key) -> bool:
+        return key in self.factors
+
+    def project(self, layer: int, proj: str, x: torch.Tensor) -> torch.Tensor:
+        """x A B in float32. x: (..., in) -> (..., out)."""
+        a, b = self.factors[(layer, proj)]
+        return (x.to(a.dtype) @ a) @ b
+
+    def to(self, device: torch.device | str) -> Estimator:
+        self.factors = {k: (a.to(device), b.to(device)) for k, (a, b) in self.factors.items()}
+        return self
+
+    def num_bytes(self) -> int:
+        return sum(
+            a.numel() * a.element_size() + b.numel() * b.element_size()
+            for a, b in self.factors.values()
+        )
+
+    # -- building ------------------------------------------------------------------------
+
+    @classmethod
+    def build(
+        cls,
+        weights: Mapping[Key, torch.Tensor],
+        kind: str,
+        rank: int,
+        covariances: Mapping[Key, torch.Tensor] | None = None,
+        damping: float = 1e-2,
+        model_name: str | None = None,
+        fingerprint: str | None = None,
+    ) -> Estimator:
+        """Factor every weight. whitened_svd needs `covariances[(layer, proj)]` for each key."""
+        if kind == "whitened_svd" and covariances is None:
+            raise ValueError("estimator 'whitened_svd' needs input covariances (calibration data)")
+        rank = min(rank, *(min(w.shape) for w in weights.values())) if weights else rank
+        factors = {}
+        for key, weight in tqdm(sorted(weights.items()), desc="estimator", delay=2.0, leave=False):
+            with torch.no_grad():
+                if kind == "svd":
+                    factors[key] = svd_factors(weight, rank)
+                else:
+                    factors[key] = whitened_svd_factors(weight, covariances[key], rank, damping)
+        return cls(factors, kind, rank, fingerprint or weights_fingerprint(weights), model_name)
+
+    # -- files ---------------------------------------------------------------------------
+
+    def save(self, path: str | os.PathLike) -> None:
+        """Write the factors atomically as safetensors with metadata."""
+        from sparselora import __version__
+
+        tensors = {}
+        for (layer, proj), (a, b) in self.factors.items():
+            tensors[f"{layer}.{proj}.w1"] = a.detach().cpu().contiguous()
+            tensors[f"{layer}.{proj}.w2"] = b.detach().cpu().contiguous()
+        metadata = {
+            "format": FORMAT,
+            "kind": self.kind,
+            "rank": str(self.rank),
+            "fingerprint": self.fingerprint or "",
+            "model": self.model_name or "",
+            "dtype": "float32",
+            "version": __version__,
+        }
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
+        os.close(fd)
+        try:
+            save_file(tensors, tmp, metadata=metadata)
+            os.replace(tmp, path)
+        finally:
+            if os.path.exists(tmp):
+                os.remove(tmp)
+
+    @classmethod
+    def load(
+        cls,
+        path: str | os.PathLike,
+        fingerprint: str | None = None,
+        device: str | torch.device = "cpu",
+    ) -> Estimator:
+        """Read factors. With `fingerprint`, refuse a file made for other weights.
+
+        Files without our metadata (for example the authors' published estimators) load with
+        kind 'svd'; their shapes are checked against the model when applied.
+        """
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt") as handle:
+            metadata = handle.metadata() or {}
+        stored = metadata.get("fingerprint") or None
+        if fingerprint is not None and stored is not None and stored != fingerprint:
+            raise EstimatorMismatchError(
+                f"estimator file {path} was built for other weights (fingerprint {stored}, this "
+                f"model has {fingerprint}, model name in the file: {metadata.get('model') or '?'}); "
+                "rebuild it for this model"
+            )
+        tensors = load_file(str(path), device=str(device))
+        factors: dict[Key, tuple[torch.Tensor, torch.Tensor]] = {}
+        for name, tensor in tensors.items():
+            layer, proj, part = name.split(".")
+            if part != "w1":
+                continue
+            factors[(int(layer), proj)] = (tensor.float(), tensors[f"{layer}.{proj}.w2"].float())
+        rank = int(metadata.get("rank", 0)) or next(iter(factors.values()))[0].shape[1]
+        return cls(
+            factors, metadata.get("kind", "svd"), rank, stored, metadata.get("model") or None
+        )
+
+    def check_shapes(self, weights: Mapping[Key, torch.Tensor]) -> None:
+        """Raise EstimatorMismatchError unless every factor matches its weight's shape."""
+        for key, weight in weights.items():
+            if key not in self.factors:
+                raise EstimatorMismatchError(
+                    f"estimator has no factors for layer {key[0]} {key[1]}"
+                )
+            a, b = self.factors[key]
+            if (a.shape[0], b.shape[1]) != (weight.shape[1], weight.shape[0]):
+                raise EstimatorMismatchError(
+                    f"estimator factors for layer {key[0]} {key[1]} map {a.shape[0]} -> "
+                    f"{b.shape[1]}, but the model's weight is {tuple(weight.shape)} (out, in)"
+                )
+
+
+class EstimatorCache:
+    """Estimator files keyed by model fingerprint, kind and rank; stale files are rebuilt.
+
+    A file is reused only if its stored fingerprint equals the model's and it holds every
+    (layer, projection) needed; otherwise the missing factors are built and the file rewritten.
+    """
+
+    def __init__(self, root: str | os.PathLike | None = None) -> None:
+        default = Path(os.environ.get("SPARSELORA_CACHE", Path.home() / ".cache" / "sparselora"))
+        self.root = Path(root) if root is not None else default / "estimators"
+
+    def path(self, fingerprint: str, kind: str, rank: int) -> Path:
+        return self.root / f"{fingerprint[:16]}-{kind}-r{rank}.safetensors"
+
+    def load(self, fingerprint: str, kind: str, rank: int, keys: Iterable[Key]) -> Estimator | None:
+        """The cached estimator if it exists, matches and covers `keys`; else None."""
+        path = self.path(fingerprint, kind, rank)
+        if not path.exists():
+            return None
+        try:
+            estimator = Estimator.load(path, fingerprint=fingerprint)
+        except EstimatorMismatchError as err:
+            logger.warning("ignoring stale estimator cache: %s", err)
+            return None
+        except Exception as err:  # a truncated or corrupt file is rebuilt, not trusted
+            logger.warning("ignoring unreadable estimator cache %s: %s", path, err)
+            return None
+        if estimator.fingerprint != fingerprint or any(k not in estimator for k in keys):
+            return None
+        return estimator
+
+    def store(self, estimator: Estimator) -> Path:
+        path = self.path(estimator.fingerprint or "unknown", estimator.kind, estimator.rank)
+        estimator.save(path)
+        logger.info("saved estimator (%d factor pairs) to %s", len(estimator.factors), path)
+        return path

@@ -1,0 +1,55 @@
+"""The description of one decoder block that the sparse execution needs."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+
+@dataclass
+class BlockModules:
+    """The modules of one decoder layer that SparseLoRA wraps, and its attention geometry.
+
+    Projections may be PEFT `lora.Linear` wrappers or plain `nn.Linear`.
+    """
+
+    index: int
+    mlp: nn.Module
+    gate: nn.Module
+    up: nn.Module
+    down: nn.Module
+    act: Callable[[torch.Tensor], torch.Tensor]
+    q: nn.Module
+    k: nn.Module
+    v: nn.Module
+    o: nn.Module
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+
+    def projection(self, name: str) -> nn.Module:
+        """The projection module by its HF name: 'gate_proj', 'q_proj', ..."""
+        return {
+            "gate_proj": self.gate,
+            "up_proj": self.up,
+            "down_proj": self.down,
+            "q_proj": self.q,
+            "k_proj": self.k,
+            "v_proj": self.v,
+            "o_proj": self.o,
+        }[name]
+
+
+class ModelFamily:
+    """Locates the decoder layers of one architecture family."""
+
+    model_types: tuple[str, ...] = ()
+
+    def decoder_layers(self, model: nn.Module) -> Sequence[nn.Module]:
+        raise NotImplementedError
+
+    def block(self, layer: nn.Module, index: int, config) -> BlockModules:
+        raise NotImplementedError

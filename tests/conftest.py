@@ -1,0 +1,80 @@
+"""Shared fixtures: tiny random LLaMA-family models wrapped in PEFT LoRA, and batches."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from peft import LoraConfig, get_peft_model
+from transformers import LlamaConfig, LlamaForCausalLM
+
+torch.set_num_threads(2)
+
+ATTN = ["q_proj", "k_proj", "v_proj", "o_proj"]
+MLP = ["gate_proj", "up_proj", "down_proj"]
+
+
+def tiny_llama(
+    kv_heads: int = 2,
+    bias: bool = False,
+    attn_impl: str = "sdpa",
+    layers: int = 3,
+    seed: int = 0,
+) -> LlamaForCausalLM:
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        vocab_size=97,
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=kv_heads,
+        max_position_embeddings=128,
+        attention_bias=bias,
+        mlp_bias=bias,
+        tie_word_embeddings=False,
+    )
+    config._attn_implementation = attn_impl
+    model = LlamaForCausalLM(config)
+    if bias:  # random init leaves biases at zero; make them matter
+        for name, param in model.named_parameters():
+            if name.endswith("bias"):
+                torch.nn.init.normal_(param, std=0.5)
+    return model.float()
+
+
+def lora_model(model, targets=ATTN, seed: int = 1):
+    """PEFT LoRA with non-zero B, so adapters affect outputs and gradients."""
+    peft_model = get_peft_model(
+        model, LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=targets)
+    )
+    torch.manual_seed(seed)
+    for name, param in peft_model.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(param, std=0.2)
+    return peft_model
+
+
+def make_batch(batch: int = 3, length: int = 12, padding: str | None = None, seed: int = 2):
+    """Random token ids; the last few tokens of each row are the output (labels != -100)."""
+    generator = torch.Generator().manual_seed(seed)
+    input_ids = torch.randint(3, 97, (batch, length), generator=generator)
+    attention_mask = torch.ones(batch, length, dtype=torch.long)
+    labels = torch.full((batch, length), -100)
+    for row in range(batch):
+        pad = 0 if padding is None else row * 2  # rows padded by 0, 2, 4 ... tokens
+        out = 3 + row
+        if padding == "left":
+            attention_mask[row, :pad] = 0
+            input_ids[row, :pad] = 0
+            labels[row, length - out :] = input_ids[row, length - out :]
+        else:
+            end = length - pad
+            attention_mask[row, end:] = 0
+            input_ids[row, end:] = 0
+            labels[row, end - out : end] = input_ids[row, end - out : end]
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+
+
+@pytest.fixture
+def tmp_cache(tmp_path):
+    return tmp_path / "estimators"
