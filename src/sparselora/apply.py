@@ -276,9 +276,10 @@ class SparseLoRA:
         self.collector = None
 
     def _start_calibration(self) -> None:
-        layers = {layer for layer, _ in self._estimator_keys}
-        kinds = {("mlp" if p in FFN_ESTIMATED else "attn") for _, p in self._estimator_keys}
-        self.collector = CovarianceCollector((i, k) for i in layers for k in kinds)
+        self.collector = CovarianceCollector(
+            (layer, "mlp" if proj in FFN_ESTIMATED else "attn")
+            for layer, proj in self._estimator_keys
+        )
 
     def _maybe_finish_calibration(self) -> None:
         collector = self.collector

@@ -129,14 +129,16 @@ class Estimator:
         """Factor every weight. whitened_svd needs `covariances[(layer, proj)]` for each key."""
         if kind == "whitened_svd" and covariances is None:
             raise ValueError("estimator 'whitened_svd' needs input covariances (calibration data)")
-        rank = min(rank, *(min(w.shape) for w in weights.values())) if weights else rank
         factors = {}
         for key, weight in tqdm(sorted(weights.items()), desc="estimator", delay=2.0, leave=False):
             with torch.no_grad():
+                full_rank = min(rank, *weight.shape)  # a thin matrix caps the rank
                 if kind == "svd":
-                    factors[key] = svd_factors(weight, rank)
+                    factors[key] = svd_factors(weight, full_rank)
                 else:
-                    factors[key] = whitened_svd_factors(weight, covariances[key], rank, damping)
+                    factors[key] = whitened_svd_factors(
+                        weight, covariances[key], full_rank, damping
+                    )
         return cls(factors, kind, rank, fingerprint or weights_fingerprint(weights), model_name)
 
     # -- files ---------------------------------------------------------------------------
@@ -199,7 +201,7 @@ class Estimator:
             if part != "w1":
                 continue
             factors[(int(layer), proj)] = (tensor.float(), tensors[f"{layer}.{proj}.w2"].float())
-        rank = int(metadata.get("rank", 0)) or next(iter(factors.values()))[0].shape[1]
+        rank = int(metadata.get("rank", 0)) or max(a.shape[1] for a, _ in factors.values())
         return cls(
             factors, metadata.get("kind", "svd"), rank, stored, metadata.get("model") or None
         )

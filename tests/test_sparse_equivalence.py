@@ -1,0 +1,153 @@
+"""Numerical equivalence of the sparse blocks (fp32).
+
+Tolerances (relative L2): sparsity 0 / disabled vs plain PEFT LoRA: 1e-6; sparse vs the
+masked-dense reference: 1e-5.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import ATTN, MLP, lora_model, make_batch, tiny_llama
+from reference import install_masks, loss_and_grads, rel_err
+
+from sparselora import SparseLoRAConfig, apply_sparselora
+
+EXACT = 1e-6
+SPARSE = 1e-5
+
+
+def config(**overrides) -> SparseLoRAConfig:
+    fields = dict(
+        ffn_sparsity={"0-2": 0.5},
+        attn_sparsity={"1-2": 0.5},
+        estimator="svd",
+        ffn_criterion="per_token",
+        start_step=0.0,
+    )
+    fields.update(overrides)
+    return SparseLoRAConfig(**fields)
+
+
+def assert_close(result, expected, tol):
+    loss, logits, grads = result
+    ref_loss, ref_logits, ref_grads = expected
+    assert rel_err(loss, ref_loss) < tol
+    assert rel_err(logits, ref_logits) < tol
+    assert grads.keys() == ref_grads.keys()
+    for name, grad in grads.items():
+        assert rel_err(grad, ref_grads[name]) < tol, name
+
+
+@pytest.mark.parametrize("targets", [ATTN, ATTN + MLP])
+def test_near_zero_sparsity_matches_peft(targets):
+    """Every channel kept: the sparse code path must reproduce PEFT LoRA exactly."""
+    model = lora_model(tiny_llama(kv_heads=2), targets)
+    batch = make_batch(padding="right")
+    expected = loss_and_grads(model, batch)
+    handle = apply_sparselora(model, config(ffn_sparsity=1e-9, attn_sparsity=1e-9), use_cache=False)
+    result = loss_and_grads(model, batch)
+    assert len(handle.last_selection()) == 3  # the sparse path really ran
+    assert_close(result, expected, EXACT)
+
+
+def test_disabled_and_dense_match_peft():
+    model = lora_model(tiny_llama(), ATTN + MLP)
+    batch = make_batch()
+    expected = loss_and_grads(model, batch)
+    handle = apply_sparselora(model, config(ffn_sparsity=0.75, attn_sparsity=0.75), use_cache=False)
+    assert rel_err(loss_and_grads(model, batch)[0], expected[0]) > 1e-4  # sparse differs
+    handle.disable()
+    assert_close(loss_and_grads(model, batch), expected, EXACT)
+    handle.enable()
+    with handle.dense():
+        assert_close(loss_and_grads(model, batch), expected, EXACT)
+
+
+CASES = {
+    "mha-attn-lora": dict(kv_heads=4, targets=ATTN),
+    "gqa-attn-lora": dict(kv_heads=2, targets=ATTN),
+    "gqa-mlp-lora": dict(kv_heads=2, targets=ATTN + MLP),
+    "mqa-mlp-lora-sparse-branch": dict(kv_heads=1, targets=ATTN + MLP, sparse_lora_branch=True),
+    "gqa-bias": dict(kv_heads=2, targets=ATTN + MLP, bias=True),
+    "gqa-eager": dict(kv_heads=2, targets=ATTN, attn_impl="eager"),
+    "seq-mean": dict(kv_heads=2, targets=ATTN, ffn_criterion="seq_mean"),
+    "random": dict(kv_heads=2, targets=ATTN + MLP, ffn_criterion="random", attn_criterion="random"),
+}
+
+
+@pytest.mark.parametrize("padding", ["left", "right"])
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_sparse_matches_masked_dense_reference(case, padding):
+    spec = dict(CASES[case])
+    targets = spec.pop("targets")
+    model_kwargs = {k: spec.pop(k) for k in ("kv_heads", "bias", "attn_impl") if k in spec}
+    model = lora_model(tiny_llama(**model_kwargs), targets)
+    batch = make_batch(padding=padding)
+    dense = loss_and_grads(model, batch)
+
+    cfg = config(**spec)
+    handle = apply_sparselora(model, cfg, use_cache=False)
+    result = loss_and_grads(model, batch)
+    chosen = handle.last_selection()
+    assert sorted(chosen) == [0, 1, 2]
+    assert all(len(chosen[i]["gate_proj"]) == 48 for i in chosen)  # half of 96
+    assert all(len(chosen[i]["k_proj"]) == model_kwargs["kv_heads"] * 8 for i in (1, 2))
+    handle.remove()
+
+    hooks = install_masks(model, chosen, batch["labels"] == -100, cfg.sparse_lora_branch)
+    expected = loss_and_grads(model, batch)
+    for hook in hooks:
+        hook.remove()
+    assert rel_err(expected[0], dense[0]) > 1e-4  # the reference is really sparse
+    assert_close(result, expected, SPARSE)
+
+
+def test_output_tokens_run_dense():
+    """Changing the kept channels must not change the outputs of the dense (label) tokens'
+    own FFN; checked by making every token an output token: then nothing is sparse."""
+    model = lora_model(tiny_llama(), ATTN)
+    batch = make_batch()
+    batch["labels"] = batch["input_ids"].clone()
+    expected = loss_and_grads(model, batch)
+    apply_sparselora(model, config(ffn_sparsity=0.9, attn_sparsity=0.9), use_cache=False)
+    assert_close(loss_and_grads(model, batch), expected, EXACT)
+
+
+def test_detach_sparse_base_cuts_attention_input_gradient():
+    """The reference's no_grad bug, reproduced on demand: input gradients change, LoRA-only
+    gradients of the last layer's q/k/v do not depend on it."""
+    model = lora_model(tiny_llama(), ATTN)
+    batch = make_batch()
+    handle = apply_sparselora(model, config(ffn_sparsity={}), use_cache=False)
+    exact = loss_and_grads(model, batch)
+    handle.remove()
+    handle = apply_sparselora(
+        model, config(ffn_sparsity={}, detach_sparse_base=True), use_cache=False
+    )
+    cut = loss_and_grads(model, batch)
+    assert rel_err(cut[0], exact[0]) < EXACT  # same forward
+    assert rel_err(cut[2]["inputs_embeds"], exact[2]["inputs_embeds"]) > 1e-3
+
+
+@pytest.mark.parametrize("reentrant", [False, True])
+@pytest.mark.parametrize("criterion", ["per_token", "random"])
+def test_gradient_checkpointing_reselects_same_channels(reentrant, criterion):
+    model = lora_model(tiny_llama(), ATTN + MLP)
+    batch = make_batch(padding="left")
+    cfg = config(
+        ffn_criterion=criterion, attn_criterion="random" if criterion == "random" else "norm"
+    )
+    handle = apply_sparselora(model, cfg, use_cache=False)
+    expected = loss_and_grads(model, batch)
+    handle.remove()
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": reentrant})
+    model.train()
+    handle = apply_sparselora(model, cfg, use_cache=False)
+    calls = []
+    for block in handle.blocks.values():  # count selections: recomputation must reuse them
+        original = block._choose_ffn
+        block._choose_ffn = lambda *a, _o=original: calls.append(1) or _o(*a)
+    result = loss_and_grads(model, batch)
+    assert len(calls) == 3
+    assert_close(result, expected, SPARSE)
