@@ -74,6 +74,10 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--damping", type=float, default=1e-2, help="whitened_svd ridge")
     parser.add_argument("--seed", type=int, default=0, help="data split and random selection")
     parser.add_argument("--csv", default="docs/estimator_quality.csv", help="output CSV")
+    parser.add_argument(
+        "--threads", type=int, default=1,
+        help="torch CPU threads (1 is fastest when other jobs share the cores)",
+    )  # fmt: skip
     args = parser.parse_args()
     args.ranks = [int(r) for r in args.ranks.split(",")]
     args.keep = [float(k) for k in args.keep.split(",")]
@@ -322,7 +326,7 @@ def markdown_tables(rows: list[dict], keeps: list[float]) -> str:
 @torch.no_grad()
 def main() -> None:
     args = parse_args()
-    torch.manual_seed(args.seed)
+    torch.set_num_threads(args.threads)
     start = time.perf_counter()
     model, tokenizer = load_smollm2(dtype=torch.float32)
     model.eval()

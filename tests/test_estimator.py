@@ -7,8 +7,13 @@ import torch
 from conftest import ATTN, lora_model, make_batch, tiny_llama
 from safetensors.torch import save_file
 
-from sparselora import Estimator, EstimatorCache, EstimatorMismatchError, SparseLoRAConfig
-from sparselora import apply_sparselora
+from sparselora import (
+    Estimator,
+    EstimatorCache,
+    EstimatorMismatchError,
+    SparseLoRAConfig,
+    apply_sparselora,
+)
 from sparselora.estimator import svd_factors, weights_fingerprint
 
 

@@ -7,7 +7,6 @@ masked-dense reference: 1e-5.
 from __future__ import annotations
 
 import pytest
-import torch
 from conftest import ATTN, MLP, lora_model, make_batch, tiny_llama
 from reference import install_masks, loss_and_grads, rel_err
 
