@@ -19,8 +19,8 @@ test: $(STAMP)
 	$(PY) -m pytest -q tests
 
 lint: $(STAMP)
-	$(VENV)/bin/ruff check src tests benchmarks
-	$(VENV)/bin/ruff format --check src tests benchmarks
+	$(VENV)/bin/ruff check src tests benchmarks examples
+	$(VENV)/bin/ruff format --check src tests benchmarks examples
 
 format: $(STAMP)
 	$(VENV)/bin/ruff format src tests benchmarks
@@ -28,3 +28,6 @@ format: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) benchmarks/bench_blocks.py
+
+demo: $(STAMP)
+	$(PY) examples/quickstart.py

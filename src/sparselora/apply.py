@@ -120,6 +120,7 @@ class SparseLoRA:
         self._signature = inspect.signature(model.forward)
         self._hook = None
         self._installed = False
+        self._calibrating = False
 
     # -- switches ------------------------------------------------------------------------
 
@@ -283,7 +284,9 @@ class SparseLoRA:
 
     def _maybe_finish_calibration(self) -> None:
         collector = self.collector
-        if collector is None or collector.min_tokens() < self.config.calibration_tokens:
+        if collector is None or self._calibrating:
+            return
+        if collector.min_tokens() < self.config.calibration_tokens:
             return
         self._finish_calibration()
 
@@ -308,9 +311,13 @@ class SparseLoRA:
         if self.config.estimator != "whitened_svd":
             raise ValueError("calibrate() is for estimator 'whitened_svd'")
         self._start_calibration()
-        with self.dense():
-            for batch in batches:
-                self.model(**{k: v for k, v in batch.items() if k != "labels"})
+        self._calibrating = True
+        try:
+            with self.dense():
+                for batch in batches:
+                    self.model(**{k: v for k, v in batch.items() if k != "labels"})
+        finally:
+            self._calibrating = False
         if self.collector.min_tokens() == 0:
             self.collector = None
             raise ValueError("calibration batches held no real tokens")
