@@ -30,6 +30,7 @@ from sparselora.estimator import (
 from sparselora.lora import base_linear, check_supported
 from sparselora.models import family_for
 from sparselora.ops import TokenSplit
+from sparselora.stats import SparsityStats
 
 logger = logging.getLogger(__name__)
 
@@ -121,6 +122,7 @@ class SparseLoRA:
         self._hook = None
         self._installed = False
         self._calibrating = False
+        self.stats = SparsityStats()
 
     # -- switches ------------------------------------------------------------------------
 

@@ -17,6 +17,7 @@ Semantics of the sparse set (the masked-dense reference in the tests computes th
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
@@ -172,20 +173,46 @@ class SparseBlock:
             self._selection_forward = batch.forward_id
         return self.selection
 
-    @torch.no_grad()
     def _ffn_channels(self, batch: BatchState, x: torch.Tensor) -> torch.Tensor:
         chosen = self.selection_for(batch)
         if "gate_proj" not in chosen:
-            keep = self._choose_ffn(batch, x)
+            start = time.perf_counter()
+            with torch.no_grad():
+                keep = self._choose_ffn(batch, x)
             chosen.update(gate_proj=keep, up_proj=keep, down_proj=keep)
+            hidden, width = x.shape[-1], base_linear(self.modules.gate).out_features
+            self._record(
+                start, "ffn_kept", len(keep) / width, batch, 3 * hidden * (width - len(keep))
+            )
         return chosen["gate_proj"]
 
-    @torch.no_grad()
     def _attention_channels(self, batch: BatchState, x: torch.Tensor, role: str) -> torch.Tensor:
         chosen = self.selection_for(batch)
         if role not in chosen:
-            chosen.update(self._choose_attention(batch, x))
+            start = time.perf_counter()
+            with torch.no_grad():
+                chosen.update(self._choose_attention(batch, x))
+            m = self.modules
+            hidden, q_width, kv_width = (
+                x.shape[-1],
+                m.num_heads * m.head_dim,
+                m.num_kv_heads * m.head_dim,
+            )
+            removed = 2 * (q_width - len(chosen["q_proj"])) + 2 * (kv_width - len(chosen["v_proj"]))
+            self._record(
+                start, "attn_kept", len(chosen["k_proj"]) / kv_width, batch, hidden * removed
+            )
         return chosen[role]
+
+    def _record(
+        self, start: float, name: str, kept: float, batch: BatchState, macs_per_token: int
+    ) -> None:
+        """Log one selection: its time, kept fraction and the frozen FLOPs it saves."""
+        stats = self.handle.stats
+        stats.add("estimator_seconds", time.perf_counter() - start)
+        stats.add(name, kept)
+        passes = 2 if torch.is_grad_enabled() else 1  # forward, plus the input-gradient backward
+        stats.flops_saved += 2 * passes * macs_per_token * batch.split.sparse_rows.numel()
 
     def _projector(self, role: str, module) -> Callable[[torch.Tensor], torch.Tensor]:
         """(T, in) float32 -> (T, out) float32: the estimator's x A B + b, or the true x W^T + b."""

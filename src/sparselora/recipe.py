@@ -1,0 +1,281 @@
+"""The run configuration of `sparselora train`: sections model / lora / sparselora / data /
+training / logging, loaded from YAML with `section.key=value` overrides and validated once.
+
+Every field carries its help text; a bad value raises one ConfigError naming
+`section.field` and what is allowed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from sparselora.config import ConfigError, SparseLoRAConfig
+
+METHODS = ("lora", "sparselora")
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+PADDING_SIDES = ("right", "left")
+TEMPLATES = ("auto", "alpaca", "chat", "raw")
+SCHEDULERS = ("cosine", "linear", "constant", "constant_with_warmup")
+
+
+def _help(text: str) -> dict[str, str]:
+    return {"help": text}
+
+
+@dataclass
+class ModelSection:
+    name: str = field(
+        default="smollm2-135m-instruct",
+        metadata=_help(
+            "'smollm2-135m-instruct' (embedded, offline), a Hugging Face model id, or a local "
+            "directory with config.json."
+        ),
+    )
+    dtype: str = field(
+        default="auto",
+        metadata=_help("'auto' (float32 on CPU, bfloat16 on GPU), float32, bfloat16, float16."),
+    )
+    attn_implementation: str = field(default="sdpa", metadata=_help("'sdpa' or 'eager'."))
+    gradient_checkpointing: bool = field(default=False, metadata=_help("Recompute activations."))
+
+
+@dataclass
+class LoraSection:
+    r: int = field(default=32, metadata=_help("LoRA rank (METHOD.md section 7: 32)."))
+    alpha: int = field(default=64, metadata=_help("LoRA alpha (64)."))
+    dropout: float = field(default=0.0, metadata=_help("LoRA dropout (0)."))
+    target_modules: list[str] = field(
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"],
+        metadata=_help("Modules that get adapters."),
+    )
+
+
+@dataclass
+class DataSection:
+    train: str = field(
+        default="gsm8k:train",
+        metadata=_help(
+            "Training data: 'gsm8k[:train|:eval]' (embedded) or a path to an LLM-Adapters "
+            ".json file or a .jsonl file (instruction/input/output, prompt/completion, messages)."
+        ),
+    )
+    eval: str | None = field(
+        default="gsm8k:eval", metadata=_help("Held-out data in the same formats, or null.")
+    )
+    task: str = field(
+        default="gsm8k",
+        metadata=_help("Answer-extraction rule for accuracy (gsm8k, boolq, piqa, ..., humaneval)."),
+    )
+    max_length: int = field(default=512, metadata=_help("Tokens per example after truncation."))
+    prompt_max_length: int = field(default=256, metadata=_help("Prompt tokens kept at most."))
+    template: str = field(
+        default="auto", metadata=_help("Prompt format: auto, alpaca, chat or raw.")
+    )
+    padding_side: str = field(default="right", metadata=_help("'right' or 'left'."))
+    max_train_examples: int | None = field(
+        default=None, metadata=_help("Use only the first N training examples.")
+    )
+    max_eval_examples: int | None = field(
+        default=None, metadata=_help("Use only the first N held-out examples.")
+    )
+
+
+@dataclass
+class TrainingSection:
+    method: str = field(default="sparselora", metadata=_help("'lora' or 'sparselora'."))
+    output_dir: str = field(default="runs/default", metadata=_help("Run folder."))
+    epochs: float = field(default=1.0, metadata=_help("Training epochs."))
+    max_steps: int = field(default=-1, metadata=_help("Optimizer steps; -1 uses epochs."))
+    batch_size: int = field(default=4, metadata=_help("Micro-batch size per device."))
+    gradient_accumulation: int = field(default=1, metadata=_help("Micro-batches per step."))
+    learning_rate: float = field(default=3e-4, metadata=_help("AdamW learning rate."))
+    lr_scheduler: str = field(default="cosine", metadata=_help("cosine, linear, constant, ..."))
+    warmup_ratio: float = field(default=0.04, metadata=_help("Fraction of steps of LR warm-up."))
+    weight_decay: float = field(default=0.0, metadata=_help("AdamW weight decay."))
+    seed: int = field(default=42, metadata=_help("Seed of data order and adapter init."))
+    save_steps: int = field(default=50, metadata=_help("Checkpoint every N steps (0: never)."))
+    save_total_limit: int = field(default=2, metadata=_help("Checkpoints kept."))
+    eval_steps: int = field(default=0, metadata=_help("Held-out loss every N steps (0: end)."))
+    resume: bool = field(default=True, metadata=_help("Resume from the last checkpoint."))
+
+
+@dataclass
+class LoggingSection:
+    logging_steps: int = field(default=1, metadata=_help("Log every N steps."))
+    tensorboard: bool = field(default=True, metadata=_help("Write TensorBoard logs."))
+
+
+@dataclass
+class RunConfig:
+    model: ModelSection = field(default_factory=ModelSection)
+    lora: LoraSection = field(default_factory=LoraSection)
+    sparselora: dict[str, Any] = field(
+        default_factory=lambda: {"preset": "smollm2-135m-gsm8k"},
+        metadata=_help("SparseLoRAConfig fields, or {'preset': name} plus overrides."),
+    )
+    data: DataSection = field(default_factory=DataSection)
+    training: TrainingSection = field(default_factory=TrainingSection)
+    logging: LoggingSection = field(default_factory=LoggingSection)
+
+    def __post_init__(self) -> None:
+        _choice("model.dtype", self.model.dtype, DTYPES)
+        _choice("model.attn_implementation", self.model.attn_implementation, ("sdpa", "eager"))
+        _choice("data.template", self.data.template, TEMPLATES)
+        _choice("data.padding_side", self.data.padding_side, PADDING_SIDES)
+        _choice("training.method", self.training.method, METHODS)
+        _choice("training.lr_scheduler", self.training.lr_scheduler, SCHEDULERS)
+        for name in ("lora.r", "lora.alpha", "data.max_length", "data.prompt_max_length",
+                     "training.batch_size", "training.gradient_accumulation",
+                     "logging.logging_steps"):  # fmt: skip
+            _positive(name, _get(self, name))
+        if not 0.0 <= self.lora.dropout < 1.0:
+            raise ConfigError(f"lora.dropout = {self.lora.dropout} must be in [0, 1)")
+        if not self.training.learning_rate > 0:
+            raise ConfigError(
+                f"training.learning_rate must be > 0, got {self.training.learning_rate}"
+            )
+        if not 0.0 <= self.training.warmup_ratio < 1.0:
+            raise ConfigError(
+                f"training.warmup_ratio = {self.training.warmup_ratio} must be in [0, 1)"
+            )
+        if self.training.max_steps <= 0 and self.training.max_steps != -1:
+            raise ConfigError("training.max_steps must be a positive number of steps or -1")
+        if not self.lora.target_modules:
+            raise ConfigError("lora.target_modules must name at least one module")
+        try:
+            self.sparse_config()
+        except ConfigError as err:
+            raise ConfigError(f"sparselora: {err}") from None
+
+    def sparse_config(self) -> SparseLoRAConfig:
+        return SparseLoRAConfig.from_dict(self.sparselora)
+
+    # -- files ---------------------------------------------------------------------------
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> RunConfig:
+        data = data or {}
+        _no_unknown("", data, cls)
+        kwargs: dict[str, Any] = {}
+        for f in dataclasses.fields(cls):
+            if f.name not in data:
+                continue
+            value = data[f.name]
+            if f.name == "sparselora":
+                if not isinstance(value, dict):
+                    raise ConfigError("sparselora must be a mapping of SparseLoRAConfig fields")
+                kwargs[f.name] = value
+                continue
+            section_cls = f.default_factory().__class__
+            if not isinstance(value, dict):
+                raise ConfigError(f"{f.name} must be a mapping of {section_cls.__name__} fields")
+            _no_unknown(f"{f.name}.", value, section_cls)
+            hints = typing.get_type_hints(section_cls)
+            checked = {k: _coerce(f"{f.name}.{k}", v, hints[k]) for k, v in value.items()}
+            kwargs[f.name] = section_cls(**checked)
+        return cls(**kwargs)
+
+    @classmethod
+    def load(cls, path: str | Path | None, overrides: list[str] = ()) -> RunConfig:
+        """Read YAML (None: defaults), then apply `section.key=value` overrides."""
+        data: dict[str, Any] = {}
+        if path is not None:
+            path = Path(path)
+            if not path.exists():
+                raise ConfigError(f"config file {path} does not exist")
+            loaded = yaml.safe_load(path.read_text())
+            if loaded is not None and not isinstance(loaded, dict):
+                raise ConfigError(f"{path}: expected a mapping with sections {_sections()}")
+            data = loaded or {}
+        for item in overrides:
+            apply_override(data, item)
+        return cls.from_dict(data)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
+
+
+def apply_override(data: dict[str, Any], item: str) -> None:
+    """Apply 'section.key=value' (value parsed as YAML) to a nested dict in place."""
+    if "=" not in item:
+        raise ConfigError(f"override {item!r} must look like section.key=value")
+    dotted, raw = item.split("=", 1)
+    parts = dotted.strip().split(".")
+    if len(parts) < 2:
+        raise ConfigError(
+            f"override {item!r} must name a section and a key, e.g. training.learning_rate=1e-4"
+        )
+    node = data
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"override {item!r}: {part} is not a section")
+    node[parts[-1]] = yaml.safe_load(raw)
+
+
+def _sections() -> list[str]:
+    return [f.name for f in dataclasses.fields(RunConfig)]
+
+
+def _no_unknown(prefix: str, data: dict, cls) -> None:
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise ConfigError(
+            f"unknown field(s) {[prefix + u for u in unknown]}; allowed: {sorted(known)}"
+        )
+
+
+def _coerce(name: str, value: Any, hint: Any) -> Any:
+    """Check `value` against a simple type hint (int, float, bool, str, list[str], X | None)."""
+    if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union:
+        options = [h for h in typing.get_args(hint) if h is not type(None)]
+        if value is None:
+            return None
+        hint = options[0]
+    if typing.get_origin(hint) is list:
+        if isinstance(value, str):
+            value = [v.strip() for v in value.split(",") if v.strip()]
+        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            raise ConfigError(f"{name} must be a list of strings, got {value!r}")
+        return value
+    if hint is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{name} must be true or false, got {value!r}")
+        return value
+    if hint is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{name} must be an integer, got {value!r}")
+        return value
+    if hint is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{name} must be a number, got {value!r}")
+        return float(value)
+    if hint is str and not isinstance(value, str):
+        raise ConfigError(f"{name} must be a string, got {value!r}")
+    return value
+
+
+def _choice(name: str, value: Any, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        raise ConfigError(f"{name} = {value!r} is not allowed; choose one of {list(allowed)}")
+
+
+def _positive(name: str, value: Any) -> None:
+    if value is None or value < 1:
+        raise ConfigError(f"{name} must be >= 1, got {value!r}")
+
+
+def _get(config: RunConfig, dotted: str) -> Any:
+    section, key = dotted.split(".")
+    return getattr(getattr(config, section), key)
