@@ -12,7 +12,10 @@ gradient through the frozen weights is computed, as in training), loss = (y * w)
   and the norms are not part of it.
 - Dense: the same module under `handle.dense()`. Sparse times include channel selection.
 - Estimator: `SparseBlock._choose_ffn` / `_choose_attention` alone (the selection one sparse
-  forward runs), reported as a share of the dense fwd+bwd time of the same block.
+  forward runs), reported as a share of the dense fwd+bwd time of the same block. Its factors
+  are rank-8 SVD factors of the weights from a randomized SVD (`torch.svd_lowrank`): an exact
+  SVD of an 8B FFN weight takes minutes on two cores, and the per-step cost of the estimator
+  depends only on its rank, not on how the factors were computed.
 
 Dense and sparse calls alternate after a warm-up; medians are reported. Rows go to a CSV and a
 markdown table is printed.
@@ -25,6 +28,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import csv
+import os
 import statistics
 import time
 from collections.abc import Callable
@@ -34,7 +38,8 @@ import torch
 from peft import LoraConfig, get_peft_model
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from sparselora import SparseLoRAConfig, apply_sparselora
+from sparselora import Estimator, SparseLoRAConfig, apply_sparselora
+from sparselora.lora import base_linear
 
 SHAPES = {
     "smollm2": dict(
@@ -55,6 +60,7 @@ SHAPES = {
 # Timed (dense, sparse) pairs per case when --repeats is not given: an 8B MLP fwd+bwd takes
 # seconds on two cores, a SmolLM2 one milliseconds.
 DEFAULT_REPEATS = {"smollm2": 30, "llama3-8b": 3}
+ESTIMATOR_RANK = 8
 TARGET_MARGIN = 0.05  # the target: sparse/dense <= keep + 0.05, estimator included
 COLUMNS = [
     "shape",
@@ -79,10 +85,29 @@ def build_model(shape: str) -> torch.nn.Module:
         attn_implementation="sdpa",
     )
     model = LlamaForCausalLM(config).float()
-    lora = LoraConfig(
-        r=32, lora_alpha=64, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"]
-    )
+    lora = LoraConfig(r=32, lora_alpha=64, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"])
     return get_peft_model(model, lora).train()
+
+
+def svd_estimator(layer: torch.nn.Module, rank: int) -> Estimator:
+    """Balanced rank-r SVD factors A (in, r), B (r, out) of gate/up/q/k/v of layer 0."""
+    projections = dict(
+        gate_proj=layer.mlp.gate_proj,
+        up_proj=layer.mlp.up_proj,
+        q_proj=layer.self_attn.q_proj,
+        k_proj=layer.self_attn.k_proj,
+        v_proj=layer.self_attn.v_proj,
+    )
+    factors = {}
+    for name, module in projections.items():
+        weight_t = base_linear(module).weight.detach().T  # (in, out)
+        u, s, v = torch.svd_lowrank(weight_t, q=rank + 8, niter=2)
+        root = s[:rank].sqrt()
+        factors[(0, name)] = (
+            (u[:, :rank] * root).contiguous(),
+            (root.unsqueeze(1) * v[:, :rank].T).contiguous(),
+        )
+    return Estimator(factors, "svd", rank, fingerprint=None)
 
 
 def fwd_bwd(
@@ -125,18 +150,18 @@ def bench_shape(shape: str, keeps: list[float], tokens: int, repeats: int) -> li
     def attention(h):
         return layer.self_attn(h, position_embeddings=rotary, attention_mask=None)[0]
 
+    estimator = svd_estimator(layer, ESTIMATOR_RANK)
     rows = []
-    estimator = None  # built (SVD of the weights) by the first apply, reused afterwards
     for keep in keeps:
         config = SparseLoRAConfig(
             ffn_sparsity={"0": 1.0 - keep},
             attn_sparsity={"0": 1.0 - keep},
             estimator="svd",
+            estimator_rank=ESTIMATOR_RANK,
             ffn_criterion="per_token",
             start_step=0.0,
         )
         handle = apply_sparselora(model, config, estimator=estimator, use_cache=False)
-        estimator = handle.estimator
         block = handle.blocks[0]
         for name, call, choose in (
             ("mlp", mlp, block._choose_ffn),
@@ -197,7 +222,10 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--keep", default="0.5,0.25,0.1,0.01", help="kept channel fractions")
     parser.add_argument("--tokens", type=int, default=512, help="context tokens (batch 1)")
     parser.add_argument(
-        "--repeats", type=int, default=None, help=f"timed pairs per case (default {DEFAULT_REPEATS})"
+        "--repeats",
+        type=int,
+        default=None,
+        help=f"timed pairs per case (default {DEFAULT_REPEATS})",
     )
     parser.add_argument("--csv", default="docs/bench_blocks.csv", help="output CSV path")
     parser.add_argument("--threads", type=int, default=2, help="torch intra-op threads")
@@ -215,7 +243,11 @@ def parse_args() -> argparse.Namespace:
 def main() -> None:
     args = parse_args()
     torch.set_num_threads(args.threads)
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads", flush=True)
+    print(
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads, "
+        f"load average {os.getloadavg()[0]:.2f} (1 min)",
+        flush=True,
+    )
     rows = []
     for shape in args.shapes:
         repeats = args.repeats or DEFAULT_REPEATS[shape]
@@ -226,7 +258,7 @@ def main() -> None:
         writer = csv.DictWriter(f, fieldnames=COLUMNS)
         writer.writeheader()
         writer.writerows(rows)
-    print(f"\nwrote {path}\n")
+    print(f"\nwrote {path}; load average {os.getloadavg()[0]:.2f} (1 min)\n")
     print(markdown_table(rows))
 
 

@@ -57,7 +57,14 @@ from sparselora.selection import (
 KINDS = ("svd", "whitened_svd")
 FFN_CRITERIA = ("seq_mean", "per_token")
 SITES = {"attn": "self_attn.q_proj", "mlp": "mlp.gate_proj", "attn_out": "self_attn.o_proj"}
-ESTIMATED = {"q_proj": "attn", "k_proj": "attn", "v_proj": "attn", "gate_proj": "mlp", "up_proj": "mlp"}  # fmt: skip
+# Projections with an estimator, and the site whose input they read.
+ESTIMATED = {
+    "q_proj": "attn",
+    "k_proj": "attn",
+    "v_proj": "attn",
+    "gate_proj": "mlp",
+    "up_proj": "mlp",
+}
 CSV_FIELDS = [
     "block", "selector", "kind", "rank", "criterion", "keep", "kept", "channels", "layer",
     "recall", "error", "error_rope", "error_o_proj",
@@ -74,10 +81,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--damping", type=float, default=1e-2, help="whitened_svd ridge")
     parser.add_argument("--seed", type=int, default=0, help="data split and random selection")
     parser.add_argument("--csv", default="docs/estimator_quality.csv", help="output CSV")
-    parser.add_argument(
-        "--threads", type=int, default=1,
-        help="torch CPU threads (1 is fastest when other jobs share the cores)",
-    )  # fmt: skip
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (1: shared CPUs)")
     args = parser.parse_args()
     args.ranks = [int(r) for r in args.ranks.split(",")]
     args.keep = [float(k) for k in args.keep.split(",")]
@@ -167,7 +171,10 @@ class Results:
 
     def rows(self, num_layers: int) -> list[dict]:
         """One row per (block, selector, keep) over all layers ('all'), then one per layer."""
-        per_layer = {key: {m: sum(v) / len(v) for m, v in ms.items()} for key, ms in self.values.items()}  # fmt: skip
+        per_layer = {
+            key: {name: sum(vals) / len(vals) for name, vals in metrics.items()}
+            for key, metrics in self.values.items()
+        }
         groups = defaultdict(dict)
         for (block, selector, keep, layer), metrics in per_layer.items():
             groups[(block, selector, keep)][layer] = metrics
@@ -222,7 +229,9 @@ def ffn_metrics(x, layer, mlp, factors, args, generator, results) -> None:
         oracle = top_k_sorted(oracle_scores, k)
         results.add("ffn", "oracle", keep, layer, recall=1.0, error=error(oracle))
         chosen = random_channels(channels, k, generator)
-        results.add("ffn", "random", keep, layer, recall=recall(chosen, oracle), error=error(chosen))
+        results.add(
+            "ffn", "random", keep, layer, recall=recall(chosen, oracle), error=error(chosen)
+        )
         for selector, score in scores.items():
             chosen = top_k_sorted(score, k)
             results.add(
@@ -236,7 +245,12 @@ def attention_metrics(x, attn_out, layer, attn, rotary, factors, args, generator
     nh, nkv = config.num_attention_heads, config.num_key_value_heads
     hd = getattr(config, "head_dim", None) or config.hidden_size // nh
     steps = x.shape[0]
-    w_q, w_k, w_v, w_o = (attn.get_submodule(p).weight for p in ("q_proj", "k_proj", "v_proj", "o_proj"))  # fmt: skip
+    w_q, w_k, w_v, w_o = (
+        attn.q_proj.weight,
+        attn.k_proj.weight,
+        attn.v_proj.weight,
+        attn.o_proj.weight,
+    )
     q, k, v = x @ w_q.T, x @ w_k.T, x @ w_v.T  # (T, nh*hd), (T, nkv*hd), (T, nkv*hd)
     cos, sin = rotary(x[None], torch.arange(steps)[None])  # (1, T, hd) each
     causal = torch.ones(steps, steps).tril()  # (T, T): the logits softmax actually reads
@@ -277,10 +291,11 @@ def attention_metrics(x, attn_out, layer, attn, rotary, factors, args, generator
     v_scores = {"oracle": v_kv_scores(v)}
     for kind in KINDS:
         for rank in args.ranks:
-            project = {p: low_rank(factors, kind, layer, p, rank) for p in ("q_proj", "k_proj", "v_proj")}  # fmt: skip
-            q_hat, k_hat = project["q_proj"](x), project["k_proj"](x)
+            q_hat = low_rank(factors, kind, layer, "q_proj", rank)(x)  # (T, nh*hd)
+            k_hat = low_rank(factors, kind, layer, "k_proj", rank)(x)  # (T, nkv*hd)
+            v_hat = low_rank(factors, kind, layer, "v_proj", rank)(x)  # (T, nkv*hd)
             qk_scores[f"{kind} r{rank}"] = qk_kv_scores(q_hat, k_hat, nh, nkv)
-            v_scores[f"{kind} r{rank}"] = v_kv_scores(project["v_proj"](x))
+            v_scores[f"{kind} r{rank}"] = v_kv_scores(v_hat)
 
     channels = nkv * hd
     for block, scores, errors in (("qk", qk_scores, qk_errors), ("v", v_scores, v_errors)):
@@ -303,7 +318,11 @@ def markdown_tables(rows: list[dict], keeps: list[float]) -> str:
         "qk": ("Q/K", "recall / logit error (no RoPE) / logit error (RoPE)"),
         "v": ("V/O", "recall / v error / o_proj output error"),
     }
-    metrics = {"ffn": ["recall", "error"], "qk": ["recall", "error", "error_rope"], "v": ["recall", "error", "error_o_proj"]}  # fmt: skip
+    metrics = {
+        "ffn": ["recall", "error"],
+        "qk": ["recall", "error", "error_rope"],
+        "v": ["recall", "error", "error_o_proj"],
+    }
     summary = [row for row in rows if row["layer"] == "all"]
     out = []
     for block, (title, cell) in titles.items():
@@ -347,9 +366,16 @@ def main() -> None:
             inputs = {site: capture.inputs[(layer, site)] for site in SITES}
             ffn_metrics(inputs["mlp"], layer, block.mlp, factors, args, generator, results)
             attention_metrics(
-                inputs["attn"], inputs["attn_out"], layer, block.self_attn,
-                model.model.rotary_emb, factors, args, generator, results,
-            )  # fmt: skip
+                inputs["attn"],
+                inputs["attn_out"],
+                layer,
+                block.self_attn,
+                model.model.rotary_emb,
+                factors,
+                args,
+                generator,
+                results,
+            )
     capture.remove()
 
     rows = results.rows(len(layers))
@@ -368,9 +394,7 @@ def main() -> None:
         writer = csv.DictWriter(f, fieldnames=CSV_FIELDS)
         writer.writeheader()
         for row in rows:
-            writer.writerow(
-                {key: f"{value:.4f}" if isinstance(value, float) else value for key, value in row.items()}  # fmt: skip
-            )
+            writer.writerow({k: f"{v:.4f}" if isinstance(v, float) else v for k, v in row.items()})
     print(f"wrote {len(rows)} rows to {path}")
 
 

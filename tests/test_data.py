@@ -262,6 +262,26 @@ def test_chat_example_prompt_ids_match_generation_prompt(tokenizer):
     assert set(example["labels"][: len(generation_ids)]) == {IGNORE_INDEX}
 
 
+def test_bos_is_added_once_to_text_prompts_and_never_twice_to_chat_prompts():
+    bos_tokenizer = AutoTokenizer.from_pretrained(
+        smollm2_path(), local_files_only=True, add_bos_token=True
+    )  # BOS = <|im_start|> = 1, as Llama-style tokenizers prepend theirs
+    text_record = alpaca("Say hi.", "hi")
+    chat_record = Record(
+        kind="chat",
+        prompt=[{"role": "user", "content": "Hi"}],
+        input="",
+        response="hi",
+        answer=None,
+    )
+    (text, chat), _ = tokenize_records([text_record, chat_record], bos_tokenizer)
+    hi = encode(bos_tokenizer, "hi", special=False)
+    assert text["prompt_ids"][:2] == [1, encode(bos_tokenizer, "Below", special=False)[0]]
+    assert text["input_ids"] == text["prompt_ids"] + hi + [2]  # no BOS before the response
+    assert chat["prompt_ids"][:2] == [1, encode(bos_tokenizer, "system", special=False)[0]]
+    assert chat["input_ids"] == chat["prompt_ids"] + hi + [2]
+
+
 def test_long_prompt_keeps_its_last_prompt_max_length_tokens(tokenizer):
     record = alpaca("Repeat: " + "apple banana " * 60, "Done.")
     full_prompt = encode(tokenizer, format_prompt(record))

@@ -169,7 +169,7 @@ def test_generate_batched_equals_one_by_one_and_plain_greedy(small_model, tokeni
     single = [generate(small_model, tokenizer, [p], 6, progress=False)[0] for p in PROMPTS]
     assert batched == single
     # Reference: transformers' greedy search on the unpadded prompt, new tokens decoded.
-    for prompt, text in zip(PROMPTS, single):
+    for prompt, text in zip(PROMPTS, single, strict=True):
         ids = torch.tensor([tokenizer(prompt)["input_ids"]])
         with torch.no_grad():
             out = small_model.generate(ids, max_new_tokens=6, do_sample=False, pad_token_id=2)

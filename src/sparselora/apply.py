@@ -113,7 +113,7 @@ class SparseLoRA:
         self.collector: CovarianceCollector | None = None
         self._estimator_keys = estimator_keys
         self._weights = weights
-        self._cache = cache
+        self.cache = cache
         self._enabled = True
         self._dense_depth = 0
         self._forward_id = 0
@@ -304,8 +304,8 @@ class SparseLoRA:
             model_name=getattr(self.model.config, "_name_or_path", None),
         )
         self.set_estimator(estimator)
-        if self._cache is not None:
-            self._cache.store(estimator)
+        if self.cache is not None:
+            self.cache.store(estimator)
 
     @torch.no_grad()
     def calibrate(self, batches: Iterable[Mapping[str, torch.Tensor]]) -> Estimator:

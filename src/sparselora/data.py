@@ -412,7 +412,7 @@ def tokenize_records(
         response_ids = tokenizer([r["response"] for r in chunk], add_special_tokens=False).input_ids
         for offset, (prompt, response) in enumerate(zip(prompt_ids, response_ids, strict=True)):
             if len(prompt) > prompt_max_length:
-                prompt = prompt[:prompt_max_length]
+                prompt = prompt[-prompt_max_length:]
                 stats.prompts_truncated += 1
             # Response tokens that fit after the prompt; the EOS only if room is left after them.
             kept = response[: max(0, max_length - len(prompt))]
@@ -477,7 +477,7 @@ def _tokenize_prompts(
     for chat in (True, False):
         positions = [i for i, flag in enumerate(is_chat) if flag == chat]
         if positions:
-            encoded = tokenizer([texts[i] for i in positions], add_special_tokens=not chat)
+            encoded = tokenizer([texts[i] for i in positions], add_special_tokens=True)
             for i, row in zip(positions, encoded.input_ids, strict=True):
                 ids[i] = row
     return ids

@@ -172,7 +172,9 @@ def generate(
         return []
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    pad_id = (
+        tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    )
     if pad_id is None:
         raise ValueError("the tokenizer has neither a pad token nor an eos token to pad with")
     token_ids = [
@@ -240,7 +242,7 @@ def accuracy(
         model, tokenizer, [r["prompt"] for r in records], max_new_tokens, batch_size, progress
     )
     golds = [r["answer"] for r in records]
-    correct = sum(is_correct(task, resp, gold) for resp, gold in zip(responses, golds))
+    correct = sum(is_correct(task, resp, gold) for resp, gold in zip(responses, golds, strict=True))
     samples = [
         {
             "prompt": record["prompt"],
@@ -248,7 +250,7 @@ def accuracy(
             "gold": record["answer"],
             "prediction": extract_answer(task, response),
         }
-        for record, response in list(zip(records, responses))[:num_samples]
+        for record, response in list(zip(records, responses, strict=True))[:num_samples]
     ]
     result = {
         "task": task,
@@ -289,9 +291,9 @@ def heldout_loss(model: torch.nn.Module, batches: Iterable[Mapping[str, torch.Te
                     logits[:, :-1].float().flatten(0, 1),
                     targets.flatten(),
                     ignore_index=IGNORE_INDEX,
-                    reduction="mean",
+                    reduction="sum",
                 ).item()
-                total_tokens += 1
+                total_tokens += int((targets != IGNORE_INDEX).sum())
     finally:
         model.train(was_training)
     if total_tokens == 0:
@@ -342,7 +344,7 @@ def check_completions(
         )
     return [
         check_correctness(dict(problem), completion, timeout)
-        for problem, completion in zip(problems, completions)
+        for problem, completion in zip(problems, completions, strict=True)
     ]
 
 

@@ -427,7 +427,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         description="Analytic training-step FLOPs of LoRA and SparseLoRA (no weights needed).",
     )
     what = parser.add_mutually_exclusive_group(required=True)
-    what.add_argument("--preset", choices=sorted(PRESETS), help="a named SparseLoRA preset")
+    what.add_argument(
+        "--preset",
+        choices=sorted(PRESETS),
+        metavar="NAME",
+        help=f"a named SparseLoRA preset: {', '.join(sorted(PRESETS))}",
+    )
     what.add_argument("--config", help="a SparseLoRA config file (.yaml or .json)")
     what.add_argument("--all-presets", action="store_true", help="every preset on its paper model")
     parser.add_argument(
