@@ -103,6 +103,12 @@ def test_gsm8k_source_gives_the_embedded_split():
         load_records("gsm8k:test")
 
 
+def test_a_file_named_like_gsm8k_is_read_as_a_file(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    write_jsonl(tmp_path / "gsm8k_mine.jsonl", [{"prompt": "1+1=", "completion": "2"}])
+    assert [r["response"] for r in load_records("gsm8k_mine.jsonl")] == ["2"]
+
+
 def test_missing_file_is_a_clear_error(tmp_path):
     path = tmp_path / "nope.jsonl"
     with pytest.raises(DataError, match=re.escape(f"data file {path} does not exist")):
@@ -122,6 +128,13 @@ def test_malformed_json_list_reports_line_and_column(tmp_path):
     with pytest.raises(DataError, match=re.escape(f"{path}: not valid JSON")) as err:
         load_records(path)
     assert "line 3, column 23" in str(err.value)
+
+
+def test_non_utf8_file_is_a_clear_error(tmp_path):
+    path = tmp_path / "latin1.jsonl"
+    path.write_bytes('{"prompt": "caf\u00e9", "completion": "x"}\n'.encode("latin-1"))
+    with pytest.raises(DataError, match=re.escape(f"{path}: not UTF-8 text")):
+        load_records(path)
 
 
 @pytest.mark.parametrize(

@@ -72,7 +72,7 @@ def evaluate_run(
         ]
         result["heldout_loss"] = heldout_loss(model, batches)
         prompts = [
-            {"prompt": tokenizer.decode(e["prompt_ids"]), "answer": e["answer"]}
+            {"prompt": e["prompt_ids"], "answer": e["answer"]}  # ids: no re-tokenisation drift
             for e in examples
             if e["answer"] is not None
         ]

@@ -30,8 +30,8 @@ messages (role/content list)  chat        ``prompt`` = the messages before the l
 
 Any row may carry an ``answer`` (the gold answer used by generation-based evaluation).
 
-Tokenisation follows LLM-Adapters (METHOD.md section 7): loss on the response only, EOS appended,
-prompts cut at 256 tokens, sequences at 512. The prompt and the response are tokenised separately
+Tokenisation follows METHOD.md section 7: loss on the response only, EOS appended, prompts cut at
+256 tokens, sequences at 512. The prompt and the response are tokenised separately
 and concatenated, so the prompt ids a model sees in training are exactly the ids it is given at
 generation time (``Example["prompt_ids"]``).
 """
@@ -55,7 +55,9 @@ logger = logging.getLogger(__name__)
 
 IGNORE_INDEX = -100  # label value the loss ignores (prompt tokens, padding)
 
-# The Alpaca prompt (Stanford Alpaca; LLM-Adapters trains math_10k / commonsense_170k with it).
+# The Alpaca prompt of Stanford Alpaca, which LLM-Adapters uses for math_10k / commonsense_170k.
+# LLM-Adapters writes it inside an indented triple-quoted f-string, so its literal training text
+# also carries the source's indentation and trailing spaces; we use the clean wording.
 ALPACA_PROMPT = (
     "Below is an instruction that describes a task. "
     "Write a response that appropriately completes the request.\n\n"
@@ -154,9 +156,9 @@ def load_records(
             number for JSONL, line and column for JSON), a row without the fields of any format
             (naming the row and the allowed formats), or no records at all.
     """
-    text = str(source)
-    if text.lower().startswith("gsm8k"):
-        return _load_gsm8k(text.lower(), gsm8k_seed, gsm8k_eval_size)
+    name = str(source).lower()
+    if name == "gsm8k" or name.startswith("gsm8k:"):
+        return _load_gsm8k(name, gsm8k_seed, gsm8k_eval_size)
 
     path = Path(source).expanduser()
     if not path.is_file():
@@ -165,7 +167,10 @@ def load_records(
             + ("" if not path.exists() else " as a file")
             + f"; use a .json or .jsonl path, or one of {', '.join(GSM8K_SOURCES)}"
         )
-    rows = _read_jsonl(path) if path.suffix.lower() == ".jsonl" else _read_json_list(path)
+    try:
+        rows = _read_jsonl(path) if path.suffix.lower() == ".jsonl" else _read_json_list(path)
+    except UnicodeDecodeError as err:
+        raise DataError(f"{path}: not UTF-8 text (byte {err.start}: {err.reason})") from None
     records = [_to_record(row, where) for where, row in rows]
     if not records:
         raise DataError(f"{path}: no records (empty dataset)")
@@ -477,7 +482,7 @@ def _tokenize_prompts(
     for chat in (True, False):
         positions = [i for i, flag in enumerate(is_chat) if flag == chat]
         if positions:
-            encoded = tokenizer([texts[i] for i in positions], add_special_tokens=True)
+            encoded = tokenizer([texts[i] for i in positions], add_special_tokens=not chat)
             for i, row in zip(positions, encoded.input_ids, strict=True):
                 ids[i] = row
     return ids

@@ -473,7 +473,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.all_presets:
             if args.model or args.seq_len is not None or args.out_tokens is not None:
                 parser.error("--all-presets counts each preset on its own model and task shapes")
-            tasks = sorted(TASK_SHAPES) if args.all_tasks else ([args.task] if args.task else None)
+            tasks = list(TASK_SHAPES) if args.all_tasks else ([args.task] if args.task else None)
             rows = flops_table(tasks=tasks, **common)
         else:
             if args.preset:

@@ -93,16 +93,9 @@ def load_examples(source: str, tokenizer, config: RunConfig, limit: int | None) 
     if limit is not None:
         records = records[:limit]
     data = config.data
-    examples, stats = tokenize_records(
+    examples, _ = tokenize_records(
         records, tokenizer, data.max_length, data.prompt_max_length, data.template
     )
-    if stats.skipped_no_response:
-        logger.warning(
-            "%s: skipped %d of %d examples with no response token left after truncation",
-            source,
-            stats.skipped_no_response,
-            stats.records,
-        )
     return examples
 
 
@@ -176,8 +169,12 @@ def _peak_memory_mb() -> float:
     return peak_kb / 1024 if sys.platform != "darwin" else peak_kb / 2**20
 
 
-def train(config: RunConfig) -> dict[str, Any]:
-    """Run one fine-tuning job; returns the summary also written to RUN_DIR/summary.json."""
+def train(config: RunConfig, callbacks: list[TrainerCallback] | None = None) -> dict[str, Any]:
+    """Run one fine-tuning job; returns the summary also written to RUN_DIR/summary.json.
+
+    `callbacks` are extra Trainer callbacks. Resumes from the last complete checkpoint in the
+    run folder when `training.resume` is true.
+    """
     run_dir = Path(config.training.output_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     config.save(run_dir / "run.yaml")
@@ -199,7 +196,7 @@ def train(config: RunConfig) -> dict[str, Any]:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model = wrap_lora(model, config)
     handle = None
-    callbacks: list[TrainerCallback] = []
+    callbacks = list(callbacks or [])
     if training.method == "sparselora":
         sparse_config = config.sparse_config()
         calibration = None
@@ -221,7 +218,7 @@ def train(config: RunConfig) -> dict[str, Any]:
         gradient_accumulation_steps=training.gradient_accumulation,
         learning_rate=training.learning_rate,
         lr_scheduler_type=training.lr_scheduler,
-        warmup_ratio=training.warmup_ratio,
+        warmup_steps=float(training.warmup_ratio),  # a float in [0, 1) is a ratio
         weight_decay=training.weight_decay,
         num_train_epochs=training.epochs,
         max_steps=training.max_steps,
@@ -234,7 +231,6 @@ def train(config: RunConfig) -> dict[str, Any]:
         seed=training.seed,
         data_seed=training.seed,
         report_to=["tensorboard"] if config.logging.tensorboard else [],
-        logging_dir=str(run_dir / "runs"),
         remove_unused_columns=False,
         use_cpu=not on_gpu,
         bf16=on_gpu and resolve_dtype(config.model.dtype) == torch.bfloat16,
