@@ -17,9 +17,8 @@ gradient through the frozen weights is computed, as in training), loss = (y * w)
   SVD of an 8B FFN weight takes minutes on two cores, and the per-step cost of the estimator
   depends only on its rank, not on how the factors were computed.
 
-Dense and sparse calls alternate after a warm-up; medians are reported, of wall time and of
-process CPU time (all threads; on a machine shared with other jobs, CPU time is less inflated by
-waiting for a core than wall time). Rows go to a CSV and a markdown table is printed.
+Dense and sparse calls alternate after a warm-up; medians of wall time are reported. Rows go to
+a CSV and a markdown table is printed.
 
     python benchmarks/bench_blocks.py --shapes smollm2,llama3-8b --keep 0.5,0.25,0.1,0.01
 """
@@ -73,10 +72,6 @@ COLUMNS = [
     "target_ratio",
     "estimator_ms",
     "estimator_share",
-    "dense_cpu_ms",
-    "sparse_cpu_ms",
-    "cpu_ratio",
-    "estimator_cpu_share",
 ]
 
 
@@ -117,30 +112,25 @@ def svd_estimator(layer: torch.nn.Module, rank: int) -> Estimator:
 
 def fwd_bwd(
     model, handle, call: Callable, x: torch.Tensor, w: torch.Tensor, labels, dense: bool
-) -> tuple[float, float]:
-    """(wall, process CPU) seconds for one forward + backward of `call(x)` in a micro-batch."""
+) -> float:
+    """Seconds for one forward + backward of `call(x)` in a micro-batch of x's shape."""
     x.grad = None
     model.zero_grad(set_to_none=True)
     mode = handle.dense() if dense else contextlib.nullcontext()
-    wall, cpu = time.perf_counter(), time.process_time()
+    start = time.perf_counter()
     with mode, handle.batch(tuple(x.shape[:2]), labels=labels):
         y = call(x)  # (B, T, H)
         (y * w).sum().backward()
-    return time.perf_counter() - wall, time.process_time() - cpu
+    return time.perf_counter() - start
 
 
 @torch.no_grad()
-def selection_time(handle, choose: Callable, x: torch.Tensor, labels) -> tuple[float, float]:
-    """(wall, process CPU) seconds for one channel selection, as the sparse forward runs it."""
+def selection_time(handle, choose: Callable, x: torch.Tensor, labels) -> float:
+    """Seconds for one channel selection of a block, as the sparse forward runs it."""
     with handle.batch(tuple(x.shape[:2]), labels=labels) as batch:
-        wall, cpu = time.perf_counter(), time.process_time()
+        start = time.perf_counter()
         choose(batch, x)
-        return time.perf_counter() - wall, time.process_time() - cpu
-
-
-def median_ms(samples: list[tuple[float, float]], clock: int) -> float:
-    """Median in ms of one clock (0 wall, 1 process CPU) over (wall, cpu) samples."""
-    return 1e3 * statistics.median(sample[clock] for sample in samples)
+        return time.perf_counter() - start
 
 
 def bench_shape(shape: str, keeps: list[float], tokens: int, repeats: int) -> list[dict]:
@@ -180,15 +170,15 @@ def bench_shape(shape: str, keeps: list[float], tokens: int, repeats: int) -> li
             times = {True: [], False: []}
             for i in range(repeats + 1):  # the first pair warms up
                 for dense in (True, False):
-                    sample = fwd_bwd(model, handle, call, x, w, labels, dense)
+                    seconds = fwd_bwd(model, handle, call, x, w, labels, dense)
                     if i > 0:
-                        times[dense].append(sample)
+                        times[dense].append(seconds)
             selection = [
                 selection_time(handle, choose, x, labels) for _ in range(max(repeats, 10) + 1)
             ][1:]
-            dense_ms, sparse_ms = median_ms(times[True], 0), median_ms(times[False], 0)
-            dense_cpu_ms, sparse_cpu_ms = median_ms(times[True], 1), median_ms(times[False], 1)
-            estimator_ms, estimator_cpu_ms = median_ms(selection, 0), median_ms(selection, 1)
+            dense_ms = 1e3 * statistics.median(times[True])
+            sparse_ms = 1e3 * statistics.median(times[False])
+            estimator_ms = 1e3 * statistics.median(selection)
             row = dict(
                 shape=shape,
                 block=name,
@@ -199,17 +189,12 @@ def bench_shape(shape: str, keeps: list[float], tokens: int, repeats: int) -> li
                 target_ratio=round(keep + TARGET_MARGIN, 4),
                 estimator_ms=round(estimator_ms, 3),
                 estimator_share=round(estimator_ms / dense_ms, 4),
-                dense_cpu_ms=round(dense_cpu_ms, 3),
-                sparse_cpu_ms=round(sparse_cpu_ms, 3),
-                cpu_ratio=round(sparse_cpu_ms / dense_cpu_ms, 4),
-                estimator_cpu_share=round(estimator_cpu_ms / dense_cpu_ms, 4),
             )
             rows.append(row)
             print(
                 f"{shape:10s} {name:9s} keep {keep:5.2f}: dense {dense_ms:9.2f} ms  "
-                f"sparse {sparse_ms:9.2f} ms  ratio {row['ratio']:.3f} "
-                f"(CPU time {row['cpu_ratio']:.3f})  estimator {estimator_ms:.2f} ms "
-                f"({row['estimator_share']:.2%}; CPU time {row['estimator_cpu_share']:.2%})",
+                f"sparse {sparse_ms:9.2f} ms  ratio {row['ratio']:.3f}  "
+                f"estimator {estimator_ms:.2f} ms ({row['estimator_share']:.2%})",
                 flush=True,
             )
         handle.remove()
@@ -219,15 +204,14 @@ def bench_shape(shape: str, keeps: list[float], tokens: int, repeats: int) -> li
 def markdown_table(rows: list[dict]) -> str:
     lines = [
         "| shape | block | keep | dense ms | sparse ms | sparse/dense | target | "
-        "estimator ms | estimator / dense | CPU-time sparse/dense | CPU-time estimator / dense |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "estimator ms | estimator / dense |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
         lines.append(
             f"| {r['shape']} | {r['block']} | {r['keep']:.0%} | {r['dense_ms']:.1f} | "
             f"{r['sparse_ms']:.1f} | {r['ratio']:.3f} | {r['target_ratio']:.2f} | "
-            f"{r['estimator_ms']:.2f} | {r['estimator_share']:.2%} | {r['cpu_ratio']:.3f} | "
-            f"{r['estimator_cpu_share']:.2%} |"
+            f"{r['estimator_ms']:.2f} | {r['estimator_share']:.2%} |"
         )
     return "\n".join(lines)
 

@@ -110,3 +110,16 @@ def test_whitened_estimator_calibrates_on_the_first_training_batches(tmp_cache):
     assert handle.ready and handle.estimator.kind == "whitened_svd"
     assert sorted(handle.last_selection()) == [0, 1, 2]
     assert len(list(tmp_cache.iterdir())) == 1
+
+
+@pytest.mark.parametrize("shape", [(60, 24), (24, 60)])
+def test_top_singular_matches_full_svd(shape):
+    from sparselora.estimator import top_singular
+
+    matrix = torch.randn(*shape, dtype=torch.float64)
+    u, s, vh = top_singular(matrix, 5)
+    full_u, full_s, full_vh = torch.linalg.svd(matrix, full_matrices=False)
+    torch.testing.assert_close(s, full_s[:5])
+    torch.testing.assert_close(
+        u @ torch.diag(s) @ vh, full_u[:, :5] @ torch.diag(full_s[:5]) @ full_vh[:5]
+    )

@@ -97,3 +97,15 @@ def test_whitened_estimator_error_not_above_plain_svd_on_heldout_inputs():
     whitened = error(*whitened_svd_factors(weight, calib.T @ calib / len(calib), rank, 1e-4))
     assert whitened <= plain
     assert whitened < 0.9 * plain  # on correlated inputs the gain is large, not a tie
+
+
+def test_output_positions_alignment():
+    from sparselora.apply import output_positions
+
+    labels = torch.tensor([[-100, -100, 7, 8, -100], [-100, 5, -100, -100, -100]])
+    shifted = output_positions(labels, "dense")
+    assert shifted.tolist() == [
+        [False, True, True, False, False],
+        [True, False, False, False, False],
+    ]
+    assert torch.equal(output_positions(labels, "dense_labelled"), labels != -100)

@@ -7,6 +7,7 @@ masked-dense reference: 1e-5.
 from __future__ import annotations
 
 import pytest
+import torch
 from conftest import ATTN, MLP, lora_model, make_batch, tiny_llama
 from reference import install_masks, loss_and_grads, rel_err
 
@@ -72,6 +73,7 @@ CASES = {
     "gqa-eager": dict(kv_heads=2, targets=ATTN, attn_impl="eager"),
     "seq-mean": dict(kv_heads=2, targets=ATTN, ffn_criterion="seq_mean"),
     "random": dict(kv_heads=2, targets=ATTN + MLP, ffn_criterion="random", attn_criterion="random"),
+    "dense-labelled": dict(kv_heads=2, targets=ATTN, output_tokens="dense_labelled"),
 }
 
 
@@ -94,23 +96,34 @@ def test_sparse_matches_masked_dense_reference(case, padding):
     assert all(len(chosen[i]["k_proj"]) == model_kwargs["kv_heads"] * 8 for i in (1, 2))
     handle.remove()
 
-    hooks = install_masks(model, chosen, batch["labels"] == -100, cfg.sparse_lora_branch)
+    labelled = batch["labels"] != -100
+    if cfg.output_tokens == "dense_labelled":
+        sparse_tokens = ~labelled
+    else:  # position t is dense when it predicts a labelled token t + 1
+        sparse_tokens = torch.ones_like(labelled)
+        sparse_tokens[:, :-1] = ~labelled[:, 1:]
+    hooks = install_masks(model, chosen, sparse_tokens, cfg.sparse_lora_branch)
     expected = loss_and_grads(model, batch)
     for hook in hooks:
         hook.remove()
-    assert rel_err(expected[0], dense[0]) > 1e-4  # the reference is really sparse
+    assert rel_err(expected[1], dense[1]) > 1e-4  # the reference is really sparse
     assert_close(result, expected, SPARSE)
 
 
-def test_output_tokens_run_dense():
-    """Changing the kept channels must not change the outputs of the dense (label) tokens'
-    own FFN; checked by making every token an output token: then nothing is sparse."""
+def test_positions_predicting_labels_run_dense():
+    """Every token labelled: every position but the last predicts a labelled token, so only
+    the last position (whose logits no loss reads) is sparse; loss and gradients are exact."""
     model = lora_model(tiny_llama(), ATTN)
     batch = make_batch()
     batch["labels"] = batch["input_ids"].clone()
-    expected = loss_and_grads(model, batch)
+    loss, logits, grads = loss_and_grads(model, batch)
     apply_sparselora(model, config(ffn_sparsity=0.9, attn_sparsity=0.9), use_cache=False)
-    assert_close(loss_and_grads(model, batch), expected, EXACT)
+    sparse_loss, sparse_logits, sparse_grads = loss_and_grads(model, batch)
+    assert rel_err(sparse_loss, loss) < EXACT
+    assert rel_err(sparse_logits[:, :-1], logits[:, :-1]) < EXACT
+    assert rel_err(sparse_logits[:, -1], logits[:, -1]) > 1e-4  # the last position was sparse
+    for name, grad in grads.items():
+        assert rel_err(sparse_grads[name], grad) < EXACT, name
 
 
 def test_detach_sparse_base_cuts_attention_input_gradient():

@@ -13,7 +13,7 @@ from sparselora.assets import load_smollm2
 from sparselora.commands import evaluate_run, export_merged
 from sparselora.config import ConfigError
 from sparselora.recipe import RunConfig
-from sparselora.train import COMPLETE_MARKER, last_complete_checkpoint, train
+from sparselora.train import last_complete_checkpoint, train
 
 
 @pytest.fixture(scope="module")

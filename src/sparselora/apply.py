@@ -53,6 +53,21 @@ class BatchState:
     split: TokenSplit | None
 
 
+def output_positions(labels: torch.Tensor, alignment: str = "dense") -> torch.Tensor:
+    """(B, L) bool: the positions that run dense. Everything else (context, padding) is sparse.
+
+    The logits at position t predict token t + 1, so with alignment "dense" position t is dense
+    when labels[:, t + 1] != -100: exactly the positions whose outputs enter the loss. With
+    "dense_labelled" (the reference code) position t is dense when labels[:, t] != -100.
+    """
+    labelled = labels != IGNORE_INDEX
+    if alignment == "dense_labelled":
+        return labelled
+    shifted = torch.zeros_like(labelled)
+    shifted[:, :-1] = labelled[:, 1:]
+    return shifted
+
+
 class CovarianceCollector:
     """Accumulates E[x^T x] of block inputs over real tokens, for the whitened estimator.
 
@@ -221,8 +236,7 @@ class SparseLoRA:
             return TokenSplit(torch.ones_like(real)) if self.config.sparse_without_labels else None
         if self.config.output_tokens == "sparse":
             return TokenSplit(torch.ones_like(real))
-        # Context tokens (and padding, whose outputs are never used) are sparse.
-        return TokenSplit(labels.to(real.device) == IGNORE_INDEX)
+        return TokenSplit(~output_positions(labels.to(real.device), self.config.output_tokens))
 
     @contextlib.contextmanager
     def batch(

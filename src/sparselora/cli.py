@@ -77,12 +77,6 @@ def _cmd_presets(args: argparse.Namespace) -> int:
     return 0
 
 
-def _cmd_flops(args: argparse.Namespace) -> int:
-    from sparselora import flops
-
-    return flops.main(args.rest) or 0
-
-
 def _cmd_env(args: argparse.Namespace) -> int:
     import accelerate
     import peft
@@ -172,6 +166,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["flops"]:  # its own parser: argparse.REMAINDER would drop --options
+        from sparselora import flops
+
+        return flops.main(argv[1:]) or 0
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(

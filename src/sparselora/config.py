@@ -18,7 +18,7 @@ import yaml
 ESTIMATOR_KINDS = ("svd", "whitened_svd")
 FFN_CRITERIA = ("seq_mean", "per_token", "oracle", "random")
 ATTN_CRITERIA = ("norm", "oracle", "random")
-OUTPUT_TOKEN_MODES = ("dense", "sparse")
+OUTPUT_TOKEN_MODES = ("dense", "dense_labelled", "sparse")
 
 
 class ConfigError(ValueError):
@@ -166,7 +166,9 @@ class SparseLoRAConfig:
     output_tokens: str = field(
         default="dense",
         metadata=_help(
-            "'dense': tokens with labels != -100 run the full model (the paper's setting); "
+            "'dense': the positions whose logits enter the loss (those predicting a token "
+            "with label != -100) run the full model; 'dense_labelled': the positions holding "
+            "a labelled token run dense (the reference code's alignment, one position late); "
             "'sparse': every token is sparse (an ablation; hurts accuracy)."
         ),
     )
