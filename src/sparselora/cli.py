@@ -154,11 +154,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("name", nargs="?")
     p.set_defaults(func=_cmd_presets)
 
-    p = sub.add_parser(
-        "flops", help="analytic training FLOPs of LoRA vs SparseLoRA", add_help=False
-    )
-    p.add_argument("rest", nargs=argparse.REMAINDER)
-    p.set_defaults(func=_cmd_flops)
+    # `flops` is dispatched before parsing (its own parser); listed here for --help.
+    sub.add_parser("flops", help="analytic training FLOPs of LoRA vs SparseLoRA (flops --help)")
 
     p = sub.add_parser("env", help="versions, for bug reports")
     p.set_defaults(func=_cmd_env)
