@@ -64,7 +64,14 @@ def test_every_paper_preset_loads_and_fits_its_model():
     assert len(PRESETS) == 10
     for name, preset in PRESETS.items():
         config = get_preset(name)
-        assert config.preset == name and config.estimator == "svd"
+        assert config.preset == name and config.estimator == "whitened_svd"
+        paper = get_preset(name + ":paper")
+        assert (paper.estimator, paper.estimator_rank, paper.ffn_criterion) == (
+            "svd",
+            8,
+            "seq_mean",
+        )
+        assert paper.ffn_sparsity == config.ffn_sparsity
         ffn, attn = config.layer_sparsity(preset.num_layers)
         assert ffn and attn
 
