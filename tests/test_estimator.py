@@ -123,3 +123,31 @@ def test_top_singular_matches_full_svd(shape):
     torch.testing.assert_close(
         u @ torch.diag(s) @ vh, full_u[:, :5] @ torch.diag(full_s[:5]) @ full_vh[:5]
     )
+
+
+def test_estimator_for_every_layer_serves_a_subset_and_the_cache_merges(tmp_cache):
+    model = lora_model(tiny_llama(), ATTN)
+    every = apply_sparselora(
+        model,
+        SparseLoRAConfig(ffn_sparsity=0.5, attn_sparsity=0.5, estimator="svd"),
+        use_cache=False,
+    )
+    full = every.estimator
+    every.remove()
+    subset = SparseLoRAConfig(ffn_sparsity={"1": 0.5}, estimator="svd")
+    handle = apply_sparselora(model, subset, estimator=full, use_cache=False)
+    assert handle.estimator is full
+    handle.remove()
+    # the cache grows to hold the union of what successive configs needed
+    apply_sparselora(model, subset, cache_dir=tmp_cache).remove()
+    apply_sparselora(
+        model, SparseLoRAConfig(attn_sparsity={"2": 0.5}, estimator="svd"), cache_dir=tmp_cache
+    )
+    (path,) = tmp_cache.iterdir()
+    assert set(Estimator.load(path).factors) == {
+        (1, "gate_proj"),
+        (1, "up_proj"),
+        (2, "q_proj"),
+        (2, "k_proj"),
+        (2, "v_proj"),
+    }

@@ -37,6 +37,7 @@ logger = logging.getLogger(__name__)
 IGNORE_INDEX = -100
 FFN_ESTIMATED = ("gate_proj", "up_proj")
 ATTN_ESTIMATED = ("q_proj", "k_proj", "v_proj")
+ESTIMATED = FFN_ESTIMATED + ATTN_ESTIMATED
 
 
 @dataclass
@@ -120,6 +121,7 @@ class SparseLoRA:
         estimator_keys: list[Key],
         weights: Mapping[Key, torch.Tensor],
         cache: EstimatorCache | None,
+        fingerprint: str,
     ) -> None:
         self.model = model
         self.config = config
@@ -128,6 +130,7 @@ class SparseLoRA:
         self.collector: CovarianceCollector | None = None
         self._estimator_keys = estimator_keys
         self._weights = weights
+        self.fingerprint = fingerprint
         self.cache = cache
         self._enabled = True
         self._dense_depth = 0
@@ -281,7 +284,7 @@ class SparseLoRA:
 
     def set_estimator(self, estimator: Estimator) -> None:
         """Use these factors; refuse them if they were built for other weights."""
-        fingerprint = weights_fingerprint(self._weights)
+        fingerprint = self.fingerprint
         if estimator.fingerprint and estimator.fingerprint != fingerprint:
             raise EstimatorMismatchError(
                 f"the estimator was built for other weights (fingerprint {estimator.fingerprint}, "
@@ -316,6 +319,7 @@ class SparseLoRA:
             covariances=collector.covariances(self._weights),
             damping=self.config.calibration_damping,
             model_name=getattr(self.model.config, "_name_or_path", None),
+            fingerprint=self.fingerprint,
         )
         self.set_estimator(estimator)
         if self.cache is not None:
@@ -386,13 +390,17 @@ def apply_sparselora(
     keys = _estimator_keys(config, ffn, attn)
     weights = {(i, p): base_linear(modules[i].projection(p)).weight for i, p in keys}
     cache = EstimatorCache(cache_dir) if use_cache else None
-    handle = SparseLoRA(base, config, {}, keys, weights, cache)
+    every_layer = [family.block(layer, i, base.config) for i, layer in enumerate(layers)]
+    fingerprint = weights_fingerprint(
+        {(b.index, p): base_linear(b.projection(p)).weight for b in every_layer for p in ESTIMATED}
+    )
+    handle = SparseLoRA(base, config, {}, keys, weights, cache, fingerprint)
     handle.blocks = {
         i: SparseBlock(handle, block, ffn.get(i), attn.get(i)) for i, block in modules.items()
     }
 
     if keys:
-        _provide_estimator(handle, config, estimator, calibration, cache, weights)
+        _provide_estimator(handle, config, estimator, calibration, cache, weights, fingerprint)
     handle._install()
     if calibration is not None and handle.estimator is None:
         handle.calibrate(calibration)
@@ -406,13 +414,12 @@ def apply_sparselora(
     return handle
 
 
-def _provide_estimator(handle, config, estimator, calibration, cache, weights) -> None:
+def _provide_estimator(handle, config, estimator, calibration, cache, weights, fingerprint) -> None:
     if isinstance(estimator, (str, os.PathLike)):
-        estimator = Estimator.load(estimator, fingerprint=weights_fingerprint(weights))
+        estimator = Estimator.load(estimator, fingerprint=fingerprint)
     if estimator is not None:
         handle.set_estimator(estimator)
         return
-    fingerprint = weights_fingerprint(weights)
     if cache is not None:
         cached = cache.load(fingerprint, config.estimator, config.estimator_rank, weights)
         if cached is not None:

@@ -250,6 +250,7 @@ class EstimatorCache:
     """
 
     def __init__(self, root: str | os.PathLike | None = None) -> None:
+        """Files live in `root`, default $SPARSELORA_CACHE/estimators or ~/.cache/sparselora/estimators."""
         default = Path(os.environ.get("SPARSELORA_CACHE", Path.home() / ".cache" / "sparselora"))
         self.root = Path(root) if root is not None else default / "estimators"
 
@@ -274,7 +275,17 @@ class EstimatorCache:
         return estimator
 
     def store(self, estimator: Estimator) -> Path:
+        """Save, merged with the factors already cached for the same model, kind and rank."""
         path = self.path(estimator.fingerprint or "unknown", estimator.kind, estimator.rank)
+        previous = self.load(estimator.fingerprint, estimator.kind, estimator.rank, ())
+        if previous is not None:
+            estimator = Estimator(
+                {**previous.factors, **estimator.factors},
+                estimator.kind,
+                estimator.rank,
+                estimator.fingerprint,
+                estimator.model_name,
+            )
         estimator.save(path)
         logger.info("saved estimator (%d factor pairs) to %s", len(estimator.factors), path)
         return path
