@@ -83,6 +83,12 @@ def test_train_writes_a_complete_run_folder(tiny_dir, data_file, tmp_path):
     # the adapter is plain PEFT
     base = AutoModelForCausalLM.from_pretrained(tiny_dir)
     PeftModel.from_pretrained(base, out / "adapter")
+    # the LoRA baseline from the same config does the same steps with more FLOPs
+    lora = train(
+        run_config(tiny_dir, data_file, tmp_path / "lora", max_steps=4, save_steps=0, method="lora")
+    )
+    assert lora["method"] == "lora" and lora["flops_saved"] == 0
+    assert lora["train_flops"] > summary["train_flops"] > 0
 
 
 def test_resume_reproduces_the_uninterrupted_loss_curve(tiny_dir, data_file, tmp_path):

@@ -40,6 +40,8 @@ from transformers import set_seed as hf_set_seed
 from sparselora import __version__
 from sparselora.apply import SparseLoRA, apply_sparselora
 from sparselora.data import Collator, load_records, tokenize_records
+from sparselora.flops import STAGE as FLOPS_TARGETS
+from sparselora.flops import ModelShape, step_flops
 from sparselora.recipe import ModelSection, RunConfig
 from sparselora.schedule import SparseLoRACallback
 
@@ -149,10 +151,37 @@ class RecipeTrainer(Trainer):
     """The HF Trainer, logging wall-clock time and SparseLoRA statistics with every record
     (so they reach TensorBoard, trainer_state.json and a resumed run's history)."""
 
-    def __init__(self, *args, recorder: RunRecorder, handle: SparseLoRA | None, **kwargs):
+    def __init__(
+        self, *args, recorder: RunRecorder, handle: SparseLoRA | None, lora_section, **kwargs
+    ):
         super().__init__(*args, **kwargs)
         self.recorder = recorder
         self.handle = handle
+        self.shape = ModelShape.from_config(self.model.config)
+        self.lora_section = lora_section
+        self.train_flops = 0.0
+
+    def training_step(self, model, inputs, *args, **kwargs):
+        self.train_flops += self._batch_flops(inputs)
+        return super().training_step(model, inputs, *args, **kwargs)
+
+    def _batch_flops(self, inputs) -> float:
+        """Analytic FLOPs of this micro-batch (sparselora.flops), from its padded shape and
+        its mean labelled and padding token counts per row."""
+        batch, length = inputs["input_ids"].shape
+        out = round((inputs["labels"] != -100).sum().item() / batch)
+        pad = round((inputs["attention_mask"] == 0).sum().item() / batch)
+        sparse = self.handle is not None and self.handle.enabled and self.handle.ready
+        return step_flops(
+            self.shape,
+            length,
+            min(out, length),
+            batch,
+            lora_rank=self.lora_section.r,
+            lora_targets=[t for t in self.lora_section.target_modules if t in FLOPS_TARGETS],
+            config=self.handle.config if sparse else None,
+            pad_tokens=min(pad, length - min(out, length)),
+        )["total"]
 
     def log(self, logs: dict[str, float], *args, **kwargs) -> None:
         logs["wall_seconds"] = self.recorder.wall_seconds()
@@ -240,6 +269,7 @@ def train(config: RunConfig, callbacks: list[TrainerCallback] | None = None) -> 
     trainer = RecipeTrainer(
         recorder=recorder,
         handle=handle,
+        lora_section=config.lora,
         model=model,
         args=args,
         train_dataset=train_examples,
@@ -305,6 +335,7 @@ def train(config: RunConfig, callbacks: list[TrainerCallback] | None = None) -> 
             for r in trainer.state.log_history
             if "loss" in r
         ],
+        "train_flops": trainer.train_flops,
         "flops_saved": handle.stats.flops_saved if handle is not None else 0.0,
         "resumed_from": str(resume) if resume else None,
         "version": __version__,
