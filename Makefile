@@ -30,4 +30,4 @@ bench: $(STAMP)
 	$(PY) benchmarks/bench_blocks.py
 
 demo: $(STAMP)
-	$(PY) examples/quickstart.py
+	$(PY) -m sparselora.demo

@@ -324,6 +324,7 @@ def train(config: RunConfig, callbacks: list[TrainerCallback] | None = None) -> 
     summary = {
         "method": training.method,
         "model": config.model.name,
+        "preset": handle.config.preset if handle is not None else None,
         "steps": steps,
         "train_seconds": train_seconds,
         "median_step_seconds": statistics.median(step_times) if step_times else None,
