@@ -12,7 +12,7 @@ from sparselora.assets import load_smollm2
 pytestmark = pytest.mark.slow
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture
 def smollm2():
     return load_smollm2()
 
@@ -54,3 +54,38 @@ def test_wrapping_leaves_dense_generation_unchanged_and_a_sparse_step_trains(smo
     # LoRA B starts at zero, so its gradient is the one that must be nonzero in every layer,
     # including layer 0, which the gradient reaches only through the sparse layers above it.
     assert all(g.abs().sum() > 0 for g in lora_b_grads)
+
+
+def test_a_few_sparse_steps_reduce_the_training_loss(smollm2):
+    model, tokenizer = smollm2
+    peft_model = get_peft_model(
+        model,
+        LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"]),
+    )
+    handle = apply_sparselora(
+        peft_model,
+        SparseLoRAConfig(
+            ffn_sparsity={"2-28": 0.5}, attn_sparsity={"10-28": 0.5}, calibration_tokens=1
+        ),
+        calibration=[
+            tokenizer(
+                ["Natalia sold clips to 48 of her friends in April."], return_tensors="pt"
+            ).data
+        ],
+        use_cache=False,
+    )
+    text = ["Q: Tom has 3 apples and buys 4 more. How many now? A: 3 + 4 = 7. The answer is 7."] * 2
+    batch = tokenizer(text, return_tensors="pt").data
+    batch["labels"] = batch["input_ids"].clone()
+    batch["labels"][:, :14] = -100
+    optimizer = torch.optim.AdamW([p for p in peft_model.parameters() if p.requires_grad], lr=2e-3)
+    peft_model.train()
+    losses = []
+    for _ in range(4):
+        loss = peft_model(**batch).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        losses.append(loss.item())
+    assert handle.last_selection()  # the steps ran sparse
+    assert losses[-1] < 0.8 * losses[0], losses
