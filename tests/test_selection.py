@@ -109,3 +109,13 @@ def test_output_positions_alignment():
         [True, False, False, False, False],
     ]
     assert torch.equal(output_positions(labels, "dense_labelled"), labels != -100)
+
+
+def test_scored_tokens_are_the_real_ones_evenly_strided():
+    from sparselora.selection import scored_tokens
+
+    x = torch.arange(2 * 5, dtype=torch.float32).view(2, 5, 1)
+    mask = torch.tensor([[True, True, True, False, False], [True, True, True, True, True]])
+    assert scored_tokens(x, mask, None).flatten().tolist() == [0, 1, 2, 5, 6, 7, 8, 9]
+    assert scored_tokens(x, mask, 3).flatten().tolist() == [0, 6, 9]
+    assert scored_tokens(x, mask, 100).shape == (8, 1)

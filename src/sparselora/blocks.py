@@ -217,14 +217,17 @@ class SparseBlock:
     def _projector(self, role: str, module) -> Callable[[torch.Tensor], torch.Tensor]:
         """(T, in) float32 -> (T, out) float32: the estimator's x A B + b, or the true x W^T + b."""
         base = base_linear(module)
-        bias = None if base.bias is None else base.bias.float()
         if self._criterion(role) == "oracle":
-            return lambda p: (
-                F.linear(p.to(base.weight.dtype), base.weight).float()
-                + (0.0 if bias is None else bias)
-            )
+
+            def project(p: torch.Tensor) -> torch.Tensor:
+                return F.linear(p.to(base.weight.dtype), base.weight, base.bias).float()
+
+            return project
         estimator = self.handle.estimator
-        return lambda p: estimator.project(self.index, role, p) + (0.0 if bias is None else bias)
+        if base.bias is None:
+            return lambda p: estimator.project(self.index, role, p)
+        bias = base.bias.float()
+        return lambda p: estimator.project(self.index, role, p).add_(bias)
 
     def _criterion(self, role: str) -> str:
         config = self.handle.config
@@ -245,6 +248,7 @@ class SparseBlock:
             self._projector("up_proj", m.up),
             m.act,
             per_token=criterion != "seq_mean",
+            max_tokens=self.handle.config.max_score_tokens,
         )
         return selection.top_k_sorted(scores, k)
 
@@ -256,7 +260,8 @@ class SparseBlock:
             qk = selection.random_channels(nkv * hd, k, self.handle.generator(self.index, 1))
             v = selection.random_channels(nkv * hd, k, self.handle.generator(self.index, 2))
         else:
-            tokens = x.detach()[batch.score_mask].float()  # (T, H)
+            limit = self.handle.config.max_score_tokens
+            tokens = selection.scored_tokens(x.detach(), batch.score_mask, limit).float()  # (T, H)
             q_hat = self._projector("q_proj", m.q)(tokens)  # (T, nh*hd)
             k_hat = self._projector("k_proj", m.k)(tokens)  # (T, nkv*hd)
             v_hat = self._projector("v_proj", m.v)(tokens)  # (T, nkv*hd)

@@ -156,6 +156,14 @@ class SparseLoRAConfig:
             "for V/O on estimated projections), 'oracle' (true projections), 'random'."
         ),
     )
+    max_score_tokens: int | None = field(
+        default=256,
+        metadata=_help(
+            "Score channels on at most this many real tokens per micro-batch (evenly strided; "
+            "null: all). Bounds the per-token estimator's cost on long batches and small "
+            "models; the oracle criterion uses it too."
+        ),
+    )
     exclude_padding: bool = field(
         default=True,
         metadata=_help(
@@ -232,6 +240,8 @@ class SparseLoRAConfig:
         _check_int("estimator_rank", self.estimator_rank, minimum=1)
         _check_int("calibration_tokens", self.calibration_tokens, minimum=1)
         _check_int("seed", self.seed, minimum=0)
+        if self.max_score_tokens is not None:
+            _check_int("max_score_tokens", self.max_score_tokens, minimum=1)
         for name in ("start_step", "end_step"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)):

@@ -35,6 +35,22 @@ def random_channels(num_channels: int, k: int, generator: torch.Generator) -> to
     return torch.randperm(num_channels, generator=generator)[:k].sort().values
 
 
+def column_norms(x: torch.Tensor) -> torch.Tensor:
+    """L2 norm of each column: (T, C) -> (C,). square().sum() is ~3x faster than
+    norm(dim=0) on CPU for the (tokens, channels) shapes scored here."""
+    return x.square().sum(0).sqrt()
+
+
+def scored_tokens(x: torch.Tensor, mask: torch.Tensor, limit: int | None) -> torch.Tensor:
+    """The real tokens of x (B, L, H) where mask (B, L) is True, as (T, H); at most `limit`,
+    evenly strided over the batch (deterministic, so a recomputation scores the same ones)."""
+    tokens = x[mask]
+    if limit is not None and tokens.shape[0] > limit:
+        keep = torch.linspace(0, tokens.shape[0] - 1, limit, device=x.device).round().long()
+        tokens = tokens.index_select(0, keep)
+    return tokens
+
+
 def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Per-sequence mean over the tokens where mask is True. x: (B, L, H), mask: (B, L) -> (B, H)."""
     weights = mask.to(x.dtype).unsqueeze(-1)  # (B, L, 1)
@@ -48,6 +64,7 @@ def ffn_scores(
     up: Projection,
     act: Callable[[torch.Tensor], torch.Tensor],
     per_token: bool,
+    max_tokens: int | None = None,
 ) -> torch.Tensor:
     """Score the I intermediate channels of a gated FFN.
 
@@ -56,11 +73,12 @@ def ffn_scores(
     for the oracle. Returns (I,) scores:
     - per_token=False (the paper): a = act(gate(x̄_b)) * up(x̄_b) for each sequence's mean
       input x̄_b, score_j = ||a[:, j]||_2 over the batch;
-    - per_token=True: the same on every scored token, L2 over tokens.
+    - per_token=True: the same on every scored token (at most `max_tokens`, evenly strided),
+      L2 over tokens.
     """
-    points = x[mask] if per_token else masked_mean(x, mask)  # (T, H) or (B, H)
+    points = scored_tokens(x, mask, max_tokens) if per_token else masked_mean(x, mask)
     activation = act(gate(points)) * up(points)  # (T or B, I)
-    return activation.norm(dim=0)
+    return column_norms(activation)
 
 
 def qk_kv_scores(
@@ -73,14 +91,14 @@ def qk_kv_scores(
     """
     head_dim = k_hat.shape[-1] // num_kv_heads
     group = num_heads // num_kv_heads
-    q_norms = q_hat.norm(dim=0).view(num_kv_heads, group, head_dim).mean(1)  # (nkv, hd)
-    k_norms = k_hat.norm(dim=0).view(num_kv_heads, head_dim)  # (nkv, hd)
+    q_norms = column_norms(q_hat).view(num_kv_heads, group, head_dim).mean(1)  # (nkv, hd)
+    k_norms = column_norms(k_hat).view(num_kv_heads, head_dim)  # (nkv, hd)
     return (q_norms * k_norms).flatten()
 
 
 def v_kv_scores(v_hat: torch.Tensor) -> torch.Tensor:
     """Score V channels: ||V̂[:, c]||_2 over tokens. v_hat: (T, nkv*hd) -> (nkv*hd,)."""
-    return v_hat.norm(dim=0)
+    return column_norms(v_hat)
 
 
 def kv_to_query_channels(
