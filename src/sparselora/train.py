@@ -263,6 +263,7 @@ def train(config: RunConfig, callbacks: list[TrainerCallback] | None = None) -> 
         remove_unused_columns=False,
         use_cpu=not on_gpu,
         bf16=on_gpu and resolve_dtype(config.model.dtype) == torch.bfloat16,
+        prediction_loss_only=True,  # never gather (examples, length, vocab) logits
         dataloader_num_workers=0,
         disable_tqdm=False,
     )
@@ -290,6 +291,7 @@ def train(config: RunConfig, callbacks: list[TrainerCallback] | None = None) -> 
         logger.warning("interrupted; the last complete checkpoint is %s", last or "none")
         raise
     train_seconds = time.perf_counter() - start
+    trainer.save_state()  # RUN_DIR/trainer_state.json: the whole log history, evals included
 
     adapter_dir = run_dir / "adapter"
     model.save_pretrained(adapter_dir)
