@@ -17,6 +17,7 @@ Semantics of the sparse set (the masked-dense reference in the tests computes th
 
 from __future__ import annotations
 
+import functools
 import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING
@@ -71,9 +72,9 @@ class SparseBlock:
             self._originals[role] = (module, own)
             original = module.forward
             if role == "mlp":
-                module.forward = _bind(self._mlp_forward, original)
+                module.forward = functools.partial(self._mlp_forward, original)
             else:
-                module.forward = _bind(self._projection_forward, original, role)
+                module.forward = functools.partial(self._projection_forward, original, role)
 
     def uninstall(self) -> None:
         for module, own in self._originals.values():
@@ -278,17 +279,3 @@ class SparseBlock:
 
 def _plus(y: torch.Tensor, delta: torch.Tensor | None) -> torch.Tensor:
     return y if delta is None else y + delta.to(y.dtype)
-
-
-class _BoundForward:
-    """A forward that remembers the original it wraps (kept out of nn.Module's registry)."""
-
-    def __init__(self, fn: Callable, original: Callable, *extra) -> None:
-        self.fn, self.original, self.extra = fn, original, extra
-
-    def __call__(self, *args, **kwargs):
-        return self.fn(self.original, *self.extra, *args, **kwargs)
-
-
-def _bind(fn: Callable, original: Callable, *extra) -> _BoundForward:
-    return _BoundForward(fn, original, *extra)
