@@ -48,6 +48,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from tqdm import tqdm
 
 from sparselora import __version__
 from sparselora.apply import SparseLoRA, apply_sparselora
@@ -421,8 +422,6 @@ def measure_row(
     progress: bool = False,
 ) -> dict[str, Any]:
     """Warm-up and timed steps of both methods on one synthetic batch; one result row."""
-    from tqdm.auto import tqdm
-
     batch = synthetic_batch(
         model_shape.vocab_size,
         config.batch_size,
@@ -552,11 +551,20 @@ def run_benchmark(config: BenchConfig, progress: bool = False) -> dict[str, Any]
     """Measure every (shape, padding) row; returns {"header": ..., "rows": [...]}.
 
     Writes nothing; see `write_results`. `progress` shows a tqdm bar per row (for the CLI).
+    `config.threads` applies for the duration of the call.
     """
-    from peft import LoraConfig, get_peft_model
-
+    threads = torch.get_num_threads()
     if config.threads is not None:
         torch.set_num_threads(config.threads)
+    try:
+        return _run_benchmark(config, progress)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _run_benchmark(config: BenchConfig, progress: bool) -> dict[str, Any]:
+    from peft import LoraConfig, get_peft_model
+
     device = config.torch_device()
     dtype = config.torch_dtype(device)
     sparse_config = config.sparse_config()
@@ -605,7 +613,7 @@ def run_benchmark(config: BenchConfig, progress: bool = False) -> dict[str, Any]
         model=config.model,
         random_weights=config.random_weights,
         model_shape=dataclasses.asdict(model_shape),
-        preset=sparse_config.preset,
+        preset=sparse_config.preset or config.sparselora,
         sparselora_config=sparse_config.to_dict(),
         estimator_setup_s=setup_seconds,
         bench_config=dataclasses.asdict(config),
@@ -713,7 +721,7 @@ def plot_results(rows: Sequence[Mapping[str, Any]], path: Path, title: str = "")
         axis.legend()
         axis.grid(alpha=0.3, axis="y")
     if title:
-        fig.suptitle(title)
+        fig.suptitle(title, fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
@@ -736,12 +744,13 @@ def write_results(results: Mapping[str, Any], output_dir: str | Path) -> dict[st
         writer.writeheader()
         writer.writerows(rows)
     machine = header["gpu"] or header["cpu"]
-    title = (
-        f"{header['model']} · {header['preset']} · {machine} · {header['dtype']}, "
-        f"{header['threads']} threads"
-    )
-    paths["markdown"].write_text(f"{title} ({header['date']})\n\n{format_markdown(rows)}\n")
-    plot_results(rows, paths["plot"], title)
+    title = [
+        f"{Path(header['model']).name} · {Path(header['preset']).name}",
+        f"{machine} · {header['dtype']}, {header['threads']} threads",
+    ]
+    table = format_markdown(rows)
+    paths["markdown"].write_text(f"{' · '.join(title)} · {header['date']}\n\n{table}\n")
+    plot_results(rows, paths["plot"], "\n".join(title))
     return paths
 
 

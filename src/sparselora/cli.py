@@ -156,6 +156,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     # `flops` is dispatched before parsing (its own parser); listed here for --help.
     sub.add_parser("flops", help="analytic training FLOPs of LoRA vs SparseLoRA (flops --help)")
+    sub.add_parser("bench", help="measured step time, LoRA vs SparseLoRA (bench --help)")
 
     p = sub.add_parser("env", help="versions, for bug reports")
     p.set_defaults(func=_cmd_env)
@@ -168,6 +169,10 @@ def main(argv: list[str] | None = None) -> int:
         from sparselora import flops
 
         return flops.main(argv[1:]) or 0
+    if argv[:1] == ["bench"]:
+        from sparselora import bench
+
+        return bench.main(argv[1:]) or 0
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(

@@ -48,7 +48,7 @@ from pathlib import Path
 from typing import Any
 
 from sparselora.config import ConfigError, SparseLoRAConfig
-from sparselora.presets import PRESETS
+from sparselora.presets import PRESETS, get_preset
 from sparselora.selection import num_kept
 
 ATTN_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj")
@@ -387,7 +387,7 @@ def flops_table(
         for task in [preset_task(name)] if tasks is None else tasks:
             seq_len, out_tokens = TASK_SHAPES[task]
             row = {"preset": name, "model": preset.model, "task": task}
-            row.update(compare(shape, seq_len, out_tokens, preset.config(), **kwargs))
+            row.update(compare(shape, seq_len, out_tokens, get_preset(name), **kwargs))
             rows.append(row)
     return rows
 
@@ -477,7 +477,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             rows = flops_table(tasks=tasks, **common)
         else:
             if args.preset:
-                config = PRESETS[args.preset].config()
+                config = get_preset(args.preset)
             else:
                 config = SparseLoRAConfig.load(args.config)
             preset = PRESETS.get(config.preset) if config.preset else None
