@@ -476,10 +476,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             tasks = list(TASK_SHAPES) if args.all_tasks else ([args.task] if args.task else None)
             rows = flops_table(tasks=tasks, **common)
         else:
-            if args.preset:
-                config = get_preset(args.preset)
-            else:
-                config = SparseLoRAConfig.load(args.config)
+            config = get_preset(args.preset) if args.preset else SparseLoRAConfig.load(args.config)
             preset = PRESETS.get(config.preset) if config.preset else None
             if args.model is None and preset is None:
                 parser.error("--model is needed for a config that names no preset")
