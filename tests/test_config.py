@@ -61,7 +61,7 @@ def test_round_trip_through_files(tmp_path, suffix):
 
 
 def test_every_paper_preset_loads_and_fits_its_model():
-    assert len(PRESETS) == 10
+    assert len(PRESETS) == 11
     for name, preset in PRESETS.items():
         config = get_preset(name)
         assert config.preset == name and config.estimator == "whitened_svd"

@@ -92,6 +92,7 @@ PRESET_TASKS = {
     "code": "code",
     "chat": "chat",
     "glue": "commonsense",
+    "gsm8k": "math",
 }
 
 TERA = 1e12
