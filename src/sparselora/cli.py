@@ -19,6 +19,9 @@ def _cmd_train(args: argparse.Namespace) -> int:
     from sparselora.train import train
 
     overrides = list(args.overrides)
+    if args.config is not None and "=" in args.config and not Path(args.config).exists():
+        overrides.insert(0, args.config)  # no config file, only overrides
+        args.config = None
     if args.method:
         overrides.append(f"training.method={args.method}")
     if args.output_dir:
