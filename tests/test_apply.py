@@ -170,3 +170,12 @@ def test_trainer_callback_follows_the_schedule(tmp_path):
     )
     Trainer(model=model, args=args, train_dataset=data, callbacks=[Record(handle)]).train()
     assert seen == [(1, False, False), (2, False, False), (3, True, True), (4, True, True)]
+
+
+def test_merged_adapters_run_dense_instead_of_adding_the_delta_twice():
+    model = lora_model(tiny_llama(), ATTN + MLP)
+    batch = make_batch()
+    model.merge_adapter()
+    expected = model(**batch).logits.detach()
+    apply_sparselora(model, SPARSE, use_cache=False)
+    torch.testing.assert_close(model(**batch).logits, expected)

@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from sparselora import ops, selection
-from sparselora.lora import active_lora_adapters, base_linear, lora_delta
+from sparselora.lora import active_lora_adapters, base_linear, is_merged, lora_delta
 from sparselora.models.base import BlockModules
 
 if TYPE_CHECKING:
@@ -90,7 +90,7 @@ class SparseBlock:
         """x: (B, L, H) -> (B, L, H)."""
         batch = self.handle.batch_for(x)
         self.handle.observe(self.index, "mlp", x, batch)
-        if batch is None or batch.split is None or batch.split.all_dense:
+        if batch is None or batch.split is None or batch.split.all_dense or self._merged("mlp"):
             return original(x, *args, **kwargs)
         split = batch.split
         keep = self._ffn_channels(batch, x)
@@ -108,7 +108,7 @@ class SparseBlock:
         batch = self.handle.batch_for(x)
         if role == "q_proj":
             self.handle.observe(self.index, "attn", x, batch)
-        if batch is None or batch.split is None or batch.split.all_dense:
+        if batch is None or batch.split is None or batch.split.all_dense or self._merged(role):
             return original(x, *args, **kwargs)
         if role == "o_proj" and "o_proj" not in self.selection_for(batch):
             return original(x, *args, **kwargs)  # q/k/v did not run sparse in this forward
@@ -122,6 +122,12 @@ class SparseBlock:
         y_sparse = sparse_fn(module, flat.index_select(0, split.sparse_rows), channels)
         y_dense = original(flat.index_select(0, split.dense_rows), *args, **kwargs)
         return split.merge(y_sparse, y_dense).view(*x.shape[:-1], -1)
+
+    def _merged(self, role: str) -> bool:
+        """A merged adapter lives in the base weight: slicing it would add the delta twice."""
+        m = self.modules
+        modules = (m.gate, m.up, m.down) if role == "mlp" else (m.projection(role),)
+        return any(is_merged(module) for module in modules)
 
     # -- sparse math (tokens of the sparse set only) -------------------------------------
 

@@ -128,12 +128,6 @@ class Estimator:
         self.factors = {k: (a.to(device), b.to(device)) for k, (a, b) in self.factors.items()}
         return self
 
-    def num_bytes(self) -> int:
-        return sum(
-            a.numel() * a.element_size() + b.numel() * b.element_size()
-            for a, b in self.factors.values()
-        )
-
     # -- building ------------------------------------------------------------------------
 
     @classmethod
