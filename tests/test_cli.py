@@ -7,20 +7,26 @@ import pytest
 from sparselora import cli
 
 
-def test_train_accepts_overrides_without_a_config_file(monkeypatch):
-    seen = {}
-    monkeypatch.setattr(
-        "sparselora.train.train", lambda config: seen.setdefault("config", config) and {}
-    )
+def test_train_accepts_overrides_with_or_without_a_config_file(monkeypatch):
+    seen = []
+    monkeypatch.setattr("sparselora.train.train", lambda config: seen.append(config) or {})
     assert (
         cli.main(["train", "training.max_steps=3", "data.max_length=64", "--method", "lora"]) == 0
     )
-    config = seen["config"]
-    assert (config.training.max_steps, config.data.max_length, config.training.method) == (
-        3,
-        64,
-        "lora",
+    assert (
+        cli.main(["train", "--method", "lora", "--output-dir", "runs/x", "training.max_steps=5"])
+        == 0
     )
+    assert (
+        cli.main(
+            ["train", "configs/smollm2-gsm8k.yaml", "--method", "lora", "training.max_steps=7"]
+        )
+        == 0
+    )
+    got = [(c.training.max_steps, c.data.max_length, c.training.method) for c in seen]
+    assert got == [(3, 64, "lora"), (5, 512, "lora"), (7, 512, "lora")]
+    assert seen[1].training.output_dir == "runs/x"
+    assert seen[2].training.output_dir == "runs/smollm2-gsm8k"  # from the YAML file
 
 
 def test_config_error_exits_2_naming_the_field(capsys):

@@ -177,7 +177,12 @@ def main(argv: list[str] | None = None) -> int:
 
         return bench.main(argv[1:]) or 0
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    if args.command == "train":  # overrides may follow --method / --output-dir
+        args.overrides += [item for item in extra if "=" in item and not item.startswith("-")]
+        extra = [item for item in extra if "=" not in item or item.startswith("-")]
+    if extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
