@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import abc
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -43,13 +44,15 @@ class BlockModules:
         }[name]
 
 
-class ModelFamily:
+class ModelFamily(abc.ABC):
     """Locates the decoder layers of one architecture family."""
 
     model_types: tuple[str, ...] = ()
 
+    @abc.abstractmethod
     def decoder_layers(self, model: nn.Module) -> Sequence[nn.Module]:
-        raise NotImplementedError
+        """The decoder layers of the transformers model, in order."""
 
+    @abc.abstractmethod
     def block(self, layer: nn.Module, index: int, config) -> BlockModules:
-        raise NotImplementedError
+        """The modules SparseLoRA wraps in decoder layer `index`."""
