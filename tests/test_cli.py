@@ -44,6 +44,11 @@ def test_presets_flops_and_env_run(capsys):
         "| llama3-8b-math10k | Meta-Llama-3-8B-Instruct | math (512, 128) | 15.84 |"
         in capsys.readouterr().out
     )
+    assert cli.main(["flops", "--preset", "llama3-8b-csr:paper"]) == 0
+    assert (
+        "| llama3-8b-csr:paper | Meta-Llama-3-8B-Instruct | commonsense (512, 3) |"
+        in capsys.readouterr().out
+    )
     assert cli.main(["env"]) == 0
     assert "transformers" in capsys.readouterr().out
 

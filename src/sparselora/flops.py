@@ -48,7 +48,7 @@ from pathlib import Path
 from typing import Any
 
 from sparselora.config import ConfigError, SparseLoRAConfig
-from sparselora.presets import PRESETS, get_preset
+from sparselora.presets import PAPER_SUFFIX, PRESETS, get_preset
 from sparselora.selection import num_kept
 
 ATTN_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj")
@@ -430,9 +430,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     what = parser.add_mutually_exclusive_group(required=True)
     what.add_argument(
         "--preset",
-        choices=sorted(PRESETS),
+        choices=sorted(PRESETS) + sorted(f"{name}{PAPER_SUFFIX}" for name in PRESETS),
         metavar="NAME",
-        help=f"a named SparseLoRA preset: {', '.join(sorted(PRESETS))}",
+        help=f"a named SparseLoRA preset ({PAPER_SUFFIX!r} suffix: the paper's estimator): "
+        f"{', '.join(sorted(PRESETS))}",
     )
     what.add_argument("--config", help="a SparseLoRA config file (.yaml or .json)")
     what.add_argument("--all-presets", action="store_true", help="every preset on its paper model")
@@ -478,7 +479,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             rows = flops_table(tasks=tasks, **common)
         else:
             config = get_preset(args.preset) if args.preset else SparseLoRAConfig.load(args.config)
-            preset = PRESETS.get(config.preset) if config.preset else None
+            base_name = config.preset.removesuffix(PAPER_SUFFIX) if config.preset else None
+            preset = PRESETS.get(base_name) if base_name else None
             if args.model is None and preset is None:
                 parser.error("--model is needed for a config that names no preset")
             model = args.model or preset.model
