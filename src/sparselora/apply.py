@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from sparselora.blocks import SparseBlock
-from sparselora.config import SparseLoRAConfig
+from sparselora.config import IGNORE_INDEX, SparseLoRAConfig
 from sparselora.estimator import (
     Estimator,
     EstimatorCache,
@@ -34,7 +34,6 @@ from sparselora.stats import SparsityStats
 
 logger = logging.getLogger(__name__)
 
-IGNORE_INDEX = -100
 FFN_ESTIMATED = ("gate_proj", "up_proj")
 ATTN_ESTIMATED = ("q_proj", "k_proj", "v_proj")
 ESTIMATED = FFN_ESTIMATED + ATTN_ESTIMATED

@@ -52,7 +52,7 @@ from tqdm import tqdm
 
 from sparselora import __version__
 from sparselora.apply import SparseLoRA, apply_sparselora
-from sparselora.config import ConfigError, SparseLoRAConfig
+from sparselora.config import IGNORE_INDEX, ConfigError, SparseLoRAConfig
 from sparselora.flops import STAGE, TASK_SHAPES, ModelShape, load_shape, step_flops
 from sparselora.presets import get_preset
 
@@ -291,7 +291,7 @@ def synthetic_batch(
         for row, length in enumerate(real.tolist()):
             input_ids[row, : shape.seq_len - length] = PAD_TOKEN_ID
             attention_mask[row, : shape.seq_len - length] = 0
-    labels = torch.full(size, -100)
+    labels = torch.full(size, IGNORE_INDEX)
     labels[:, -shape.out_tokens :] = input_ids[:, -shape.out_tokens :]
     batch = {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
     return {key: value.to(device) for key, value in batch.items()}

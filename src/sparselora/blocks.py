@@ -53,10 +53,11 @@ class SparseBlock:
         self.selection: dict[str, torch.Tensor] = {}
         self._selection_forward = -1
         self._originals: dict[str, tuple[torch.nn.Module, object]] = {}
+        self.targets = self._roles()  # role -> module, fixed for the block's lifetime
 
     # -- installation --------------------------------------------------------------------
 
-    def targets(self) -> dict[str, torch.nn.Module]:
+    def _roles(self) -> dict[str, torch.nn.Module]:
         """The modules whose forward this block takes over, by role."""
         m = self.modules
         out: dict[str, torch.nn.Module] = {}
@@ -67,7 +68,7 @@ class SparseBlock:
         return out
 
     def install(self) -> None:
-        for role, module in self.targets().items():
+        for role, module in self.targets.items():
             own = module.__dict__.get("forward")  # an instance-level forward (accelerate hooks)
             self._originals[role] = (module, own)
             original = module.forward
@@ -114,7 +115,7 @@ class SparseBlock:
             return original(x, *args, **kwargs)  # q/k/v did not run sparse in this forward
         split = batch.split
         channels = self._attention_channels(batch, x, role)
-        module = self.targets()[role]
+        module = self.targets[role]
         flat = x.reshape(-1, x.shape[-1])
         sparse_fn = self._sparse_o if role == "o_proj" else self._sparse_qkv
         if split.all_sparse:

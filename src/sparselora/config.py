@@ -18,6 +18,7 @@ import yaml
 ESTIMATOR_KINDS = ("svd", "whitened_svd")
 FFN_CRITERIA = ("seq_mean", "per_token", "oracle", "random")
 ATTN_CRITERIA = ("norm", "oracle", "random")
+IGNORE_INDEX = -100  # label value the loss ignores (prompt tokens, padding)
 OUTPUT_TOKEN_MODES = ("dense", "dense_labelled", "sparse")
 
 

@@ -50,10 +50,10 @@ import torch
 from transformers import PreTrainedTokenizerBase
 
 from sparselora.assets import gsm8k_split
+from sparselora.config import IGNORE_INDEX
 
 logger = logging.getLogger(__name__)
 
-IGNORE_INDEX = -100  # label value the loss ignores (prompt tokens, padding)
 
 # The Alpaca prompt of Stanford Alpaca, which LLM-Adapters uses for math_10k / commonsense_170k.
 # LLM-Adapters writes it inside an indented triple-quoted f-string, so its literal training text

@@ -27,9 +27,10 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from sparselora.config import IGNORE_INDEX
+
 logger = logging.getLogger(__name__)
 
-IGNORE_INDEX = -100
 NUMERIC_TOLERANCE = 1e-3
 NUMERIC_TASKS = ("gsm8k", "svamp", "mawps", "AddSub", "MultiArith", "SingleEq")
 # Choice tasks: the pattern whose first match is the prediction, and the gold prefix, so a gold

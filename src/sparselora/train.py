@@ -39,6 +39,7 @@ from transformers import set_seed as hf_set_seed
 
 from sparselora import __version__
 from sparselora.apply import SparseLoRA, apply_sparselora
+from sparselora.config import IGNORE_INDEX
 from sparselora.data import Collator, load_records, tokenize_records
 from sparselora.flops import STAGE as FLOPS_TARGETS
 from sparselora.flops import ModelShape, step_flops
@@ -169,7 +170,7 @@ class RecipeTrainer(Trainer):
         """Analytic FLOPs of this micro-batch (sparselora.flops), from its padded shape and
         its mean labelled and padding token counts per row."""
         batch, length = inputs["input_ids"].shape
-        out = round((inputs["labels"] != -100).sum().item() / batch)
+        out = round((inputs["labels"] != IGNORE_INDEX).sum().item() / batch)
         pad = round((inputs["attention_mask"] == 0).sum().item() / batch)
         sparse = self.handle is not None and self.handle.enabled and self.handle.ready
         return step_flops(
