@@ -234,10 +234,10 @@ class SparseLoRAConfig:
     def __post_init__(self) -> None:
         self.ffn_sparsity = _normalise_sparsity("ffn_sparsity", self.ffn_sparsity)
         self.attn_sparsity = _normalise_sparsity("attn_sparsity", self.attn_sparsity)
-        _check_choice("estimator", self.estimator, ESTIMATOR_KINDS)
-        _check_choice("ffn_criterion", self.ffn_criterion, FFN_CRITERIA)
-        _check_choice("attn_criterion", self.attn_criterion, ATTN_CRITERIA)
-        _check_choice("output_tokens", self.output_tokens, OUTPUT_TOKEN_MODES)
+        check_choice("estimator", self.estimator, ESTIMATOR_KINDS)
+        check_choice("ffn_criterion", self.ffn_criterion, FFN_CRITERIA)
+        check_choice("attn_criterion", self.attn_criterion, ATTN_CRITERIA)
+        check_choice("output_tokens", self.output_tokens, OUTPUT_TOKEN_MODES)
         _check_int("estimator_rank", self.estimator_rank, minimum=1)
         _check_int("calibration_tokens", self.calibration_tokens, minimum=1)
         _check_int("seed", self.seed, minimum=0)
@@ -323,7 +323,8 @@ class SparseLoRAConfig:
         )
 
 
-def _check_choice(name: str, value: Any, allowed: tuple[str, ...]) -> None:
+def check_choice(name: str, value: Any, allowed: tuple[str, ...]) -> None:
+    """Raise one ConfigError naming the field and the allowed values."""
     if value not in allowed:
         raise ConfigError(f"{name} = {value!r} is not allowed; choose one of {list(allowed)}")
 

@@ -16,7 +16,7 @@ from typing import Any
 
 import yaml
 
-from sparselora.config import ConfigError, SparseLoRAConfig
+from sparselora.config import ConfigError, SparseLoRAConfig, check_choice
 
 METHODS = ("lora", "sparselora")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
@@ -125,12 +125,12 @@ class RunConfig:
     logging: LoggingSection = field(default_factory=LoggingSection)
 
     def __post_init__(self) -> None:
-        _choice("model.dtype", self.model.dtype, DTYPES)
-        _choice("model.attn_implementation", self.model.attn_implementation, ("sdpa", "eager"))
-        _choice("data.template", self.data.template, TEMPLATES)
-        _choice("data.padding_side", self.data.padding_side, PADDING_SIDES)
-        _choice("training.method", self.training.method, METHODS)
-        _choice("training.lr_scheduler", self.training.lr_scheduler, SCHEDULERS)
+        check_choice("model.dtype", self.model.dtype, DTYPES)
+        check_choice("model.attn_implementation", self.model.attn_implementation, ("sdpa", "eager"))
+        check_choice("data.template", self.data.template, TEMPLATES)
+        check_choice("data.padding_side", self.data.padding_side, PADDING_SIDES)
+        check_choice("training.method", self.training.method, METHODS)
+        check_choice("training.lr_scheduler", self.training.lr_scheduler, SCHEDULERS)
         for name in ("lora.r", "lora.alpha", "data.max_length", "data.prompt_max_length",
                      "training.batch_size", "training.gradient_accumulation",
                      "logging.logging_steps"):  # fmt: skip
@@ -264,11 +264,6 @@ def _coerce(name: str, value: Any, hint: Any) -> Any:
     if hint is str and not isinstance(value, str):
         raise ConfigError(f"{name} must be a string, got {value!r}")
     return value
-
-
-def _choice(name: str, value: Any, allowed: tuple[str, ...]) -> None:
-    if value not in allowed:
-        raise ConfigError(f"{name} = {value!r} is not allowed; choose one of {list(allowed)}")
 
 
 def _positive(name: str, value: Any) -> None:
