@@ -11,6 +11,8 @@ torch.set_num_threads(2)
 
 ATTN = ["q_proj", "k_proj", "v_proj", "o_proj"]
 MLP = ["gate_proj", "up_proj", "down_proj"]
+# Exact savings off: full logits come back, so channel-sparsity tests can compare every position.
+CHANNELS_ONLY = {"labelled_logits": False, "skip_unread_last_layer": False}
 
 
 def tiny_llama(

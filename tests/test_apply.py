@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import ATTN, MLP, lora_model, make_batch, tiny_llama
+from conftest import ATTN, CHANNELS_ONLY, MLP, lora_model, make_batch, tiny_llama
 from peft import LoraConfig, PeftModel, get_peft_model
 from transformers import MistralConfig, MistralForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
@@ -17,7 +17,12 @@ from sparselora import (
 )
 
 SPARSE = SparseLoRAConfig(
-    ffn_sparsity=0.75, attn_sparsity=0.5, estimator="svd", start_step=0.0, ffn_criterion="per_token"
+    ffn_sparsity=0.75,
+    attn_sparsity=0.5,
+    estimator="svd",
+    start_step=0.0,
+    ffn_criterion="per_token",
+    **CHANNELS_ONLY,
 )
 
 

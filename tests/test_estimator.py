@@ -108,7 +108,8 @@ def test_whitened_estimator_calibrates_on_the_first_training_batches(tmp_cache):
     model(**batch)
     model(**batch)  # 72 tokens seen: fitted before this forward, which runs sparse
     assert handle.ready and handle.estimator.kind == "whitened_svd"
-    assert sorted(handle.last_selection()) == [0, 1, 2]
+    # Layer 2 is the last: its context tokens skip the FFN entirely, so it chooses no channels.
+    assert sorted(handle.last_selection()) == [0, 1]
     assert len(list(tmp_cache.iterdir())) == 1
 
 

@@ -3,11 +3,12 @@ and sanity on the paper's presets."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
 import torch
-from conftest import ATTN, MLP, lora_model, tiny_llama
+from conftest import ATTN, CHANNELS_ONLY, MLP, lora_model, tiny_llama
 from torch.utils.flop_counter import FlopCounterMode
 from transformers import LlamaConfig
 
@@ -35,8 +36,11 @@ TINY_STEP = dict(seq_len=6, out_tokens=2, batch=1, lora_rank=2)
 
 
 def tiny_config(**overrides) -> SparseLoRAConfig:
-    """Attention of layer 0 and FFN of layer 1 at sparsity 0.5, rank-2 estimator."""
-    fields = dict(ffn_sparsity={"1": 0.5}, attn_sparsity={"0": 0.5}, estimator_rank=2)
+    """Attention of layer 0 and FFN of layer 1 at sparsity 0.5, rank-2 estimator; the exact
+    savings off (counted in their own test)."""
+    fields = dict(
+        ffn_sparsity={"1": 0.5}, attn_sparsity={"0": 0.5}, estimator_rank=2, **CHANNELS_ONLY
+    )
     fields.update(overrides)
     return SparseLoRAConfig(**fields)
 
@@ -95,6 +99,28 @@ def test_sparselora_step_by_hand():
     assert compare(TINY, 6, 2, tiny_config(), lora_rank=2)["speedup"] == 42432 / 40448
 
 
+def test_exact_savings_by_hand():
+    """Labelled logits and the last layer's skipped context tokens, on the step above."""
+    flops = step_flops(TINY, **TINY_STEP, config=tiny_config(labelled_logits=True))
+    # Positions 3 and 4 predict the labelled tokens 4 and 5: the LM head runs on 2 of 6.
+    assert flops["lm_head"] == 2 * (2 * 2 * 8 * 10) == 640
+    assert flops["total"] == 40448 - 1920 + 640
+
+    flops = step_flops(TINY, **TINY_STEP, config=tiny_config(skip_unread_last_layer=True))
+    # Layer 1 is the last: q and o run on the 2 read positions, k and v on all 6 tokens.
+    layer1_attn = 2 * (2 * 2 * 8 * 8 + 2 * 2 * 8 * 8) + 2 * (2 * 6 * 8 * 4 + 2 * 6 * 8 * 4)
+    assert flops["attn_proj"] == 2048 + layer1_attn == 4608
+    # Its FFN runs on the 2 read positions, dense; no context token is left to be sparse.
+    assert flops["mlp_proj"] == 2 * 4608 + 2 * (3 * (2 * 2 * 8 * 16)) == 12288
+    # LoRA of q and o on 2 tokens (fwd 2*n*r*(in+out), bwd dB+dh+dA+dx), k and v on 6.
+    q1 = o1 = 2 * 2 * 2 * 16 + 2 * (2 * 2 * 2 * 8) + 2 * (2 * 2 * 2 * 8)  # 384
+    k1 = v1 = 2 * 6 * 2 * 12 + 2 * 6 * 2 * (2 * 4 + 8) + 2 * 6 * 2 * 8  # 864
+    assert flops["lora"] == 3456 + q1 + o1 + k1 + v1 == 5952
+    # So layer 1 chooses no FFN channels: only layer 0's attention estimator remains.
+    assert flops["estimator"] == 960
+    assert flops["total"] == 4608 + 12288 + 6912 + 5952 + 1920 + 960
+
+
 @pytest.mark.parametrize(
     "criteria, estimator",
     [
@@ -138,9 +164,13 @@ def test_logits_on_output_only_changes_only_the_lm_head():
 def test_no_config_equals_zero_sparsity():
     shape = PAPER_MODELS["meta-llama/Meta-Llama-3-8B-Instruct"]
     lora = step_flops(shape, 512, 128)
-    assert step_flops(shape, 512, 128, config=SparseLoRAConfig()) == lora
-    zero = SparseLoRAConfig(ffn_sparsity=0.0, attn_sparsity={"3-30": 0.0})
+    assert step_flops(shape, 512, 128, config=SparseLoRAConfig(**CHANNELS_ONLY)) == lora
+    zero = SparseLoRAConfig(ffn_sparsity=0.0, attn_sparsity={"3-30": 0.0}, **CHANNELS_ONLY)
     assert step_flops(shape, 512, 128, config=zero) == lora
+    # The exact savings alone: LM head on the 128 read positions, last layer's q/o/FFN too.
+    savings = step_flops(shape, 512, 128, config=SparseLoRAConfig())
+    assert savings["lm_head"] == lora["lm_head"] * 128 / 512
+    assert savings["attn_core"] == lora["attn_core"] and savings["total"] < lora["total"]
 
 
 def test_more_sparsity_or_fewer_labelled_tokens_means_fewer_flops():
@@ -152,9 +182,11 @@ def test_more_sparsity_or_fewer_labelled_tokens_means_fewer_flops():
             for s in levels
         ]
         assert all(a > b for a, b in zip(totals, totals[1:], strict=False)), field
-    config = get_preset("llama3-8b-math10k")
+    config = dataclasses.replace(get_preset("llama3-8b-math10k"), **CHANNELS_ONLY)
     totals = [step_flops(shape, 512, out, config=config)["total"] for out in (3, 128, 512)]
-    assert totals[0] < totals[1] < totals[2] == step_flops(shape, 512, 512)["total"]
+    assert totals[0] < totals[1] < totals[2]
+    # Every token labelled: only the last position (it predicts nothing) is left sparse.
+    assert abs(totals[2] / step_flops(shape, 512, 512)["total"] - 1) < 0.01
 
 
 def test_paper_presets_predict_plausible_speedups():
@@ -230,6 +262,8 @@ CROSS_CHECK = {
     "random": {"ffn_criterion": "random", "attn_criterion": "random"},
     "detach_sparse_base": {"detach_sparse_base": True},
     "sparse_outputs": {"output_tokens": "sparse"},
+    "reference_alignment": {"output_tokens": "dense_labelled"},
+    "no_exact_savings": CHANNELS_ONLY,
 }
 
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import ATTN, MLP, lora_model, make_batch, tiny_llama
+from conftest import ATTN, CHANNELS_ONLY, MLP, lora_model, make_batch, tiny_llama
 from reference import install_masks, loss_and_grads, rel_err
 
 from sparselora import SparseLoRAConfig, apply_sparselora
@@ -24,6 +24,7 @@ def config(**overrides) -> SparseLoRAConfig:
         estimator="svd",
         ffn_criterion="per_token",
         start_step=0.0,
+        **CHANNELS_ONLY,
     )
     fields.update(overrides)
     return SparseLoRAConfig(**fields)

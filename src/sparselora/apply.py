@@ -13,13 +13,13 @@ import inspect
 import logging
 import os
 from collections.abc import Iterable, Iterator, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
 from sparselora.blocks import SparseBlock
-from sparselora.config import IGNORE_INDEX, SparseLoRAConfig
+from sparselora.config import SparseLoRAConfig
 from sparselora.estimator import (
     Estimator,
     EstimatorCache,
@@ -30,6 +30,7 @@ from sparselora.estimator import (
 from sparselora.lora import base_linear, check_supported
 from sparselora.models import family_for
 from sparselora.ops import TokenSplit
+from sparselora.savings import LabelledLogits, output_positions
 from sparselora.stats import SparsityStats
 
 logger = logging.getLogger(__name__)
@@ -45,27 +46,30 @@ class BatchState:
 
     score_mask: (B, L) bool, the tokens channel scores are computed on (real tokens).
     split: the sparse / dense token sets, or None when this forward runs dense.
+    unread: (B, L) bool, the positions whose last-layer output no loss reads, or None when the
+      last-layer saving is off for this forward.
     """
 
     forward_id: int
     shape: tuple[int, int]
     score_mask: torch.Tensor
     split: TokenSplit | None
+    unread: torch.Tensor | None = None
+    _skip_splits: dict[bool, TokenSplit] = field(default_factory=dict)
 
+    def skip_split(self, with_sparse: bool) -> TokenSplit:
+        """The last layer's split: unread rows skipped, the rest sparse or dense as in `split`.
 
-def output_positions(labels: torch.Tensor, alignment: str = "dense") -> torch.Tensor:
-    """(B, L) bool: the positions that run dense. Everything else (context, padding) is sparse.
-
-    The logits at position t predict token t + 1, so with alignment "dense" position t is dense
-    when labels[:, t + 1] != -100: exactly the positions whose outputs enter the loss. With
-    "dense_labelled" (the reference code) position t is dense when labels[:, t] != -100.
-    """
-    labelled = labels != IGNORE_INDEX
-    if alignment == "dense_labelled":
-        return labelled
-    shifted = torch.zeros_like(labelled)
-    shifted[:, :-1] = labelled[:, 1:]
-    return shifted
+        with_sparse: whether the calling projection is channel-sparse in that layer.
+        """
+        if with_sparse not in self._skip_splits:
+            unread = self.unread.reshape(-1)
+            if with_sparse and self.split is not None:
+                sparse = self.split.sparse_mask
+            else:
+                sparse = torch.zeros_like(unread)
+            self._skip_splits[with_sparse] = TokenSplit(sparse, skip_mask=unread)
+        return self._skip_splits[with_sparse]
 
 
 class CovarianceCollector:
@@ -137,6 +141,7 @@ class SparseLoRA:
         self._batch: BatchState | None = None
         self._signature = inspect.signature(model.forward)
         self._hook = None
+        self._head: LabelledLogits | None = None
         self._installed = False
         self._calibrating = False
         self.stats = SparsityStats()
@@ -186,6 +191,8 @@ class SparseLoRA:
         for block in self.blocks.values():
             block.install()
         self._hook = self.model.register_forward_pre_hook(self._before_forward, with_kwargs=True)
+        if self._head is not None:
+            self._head.install()
         self._installed = True
 
     def remove(self) -> nn.Module:
@@ -195,6 +202,8 @@ class SparseLoRA:
         for block in self.blocks.values():
             block.uninstall()
         self._hook.remove()
+        if self._head is not None:
+            self._head.uninstall()
         self._installed = False
         self._batch = None
         return self.model
@@ -211,23 +220,48 @@ class SparseLoRA:
         if reference is None:
             self._batch = None
             return
+        extra = bound.get("kwargs", {})
+        reads_everything = any(
+            bound.get(name, extra.get(name)) for name in ("output_hidden_states",)
+        )
         self._batch = self._batch_state(
             tuple(reference.shape[:2]),
             reference.device,
             bound.get("attention_mask"),
             bound.get("labels"),
             module.training,
+            reads_everything,
         )
 
-    def _batch_state(self, shape, device, attention_mask, labels, training: bool) -> BatchState:
+    def _batch_state(
+        self, shape, device, attention_mask, labels, training: bool, reads_everything=False
+    ) -> BatchState:
         if isinstance(attention_mask, torch.Tensor) and attention_mask.dim() == 2:
             real = attention_mask.to(device=device, dtype=torch.bool)
         else:
             real = torch.ones(shape, dtype=torch.bool, device=device)
         score_mask = real if self.config.exclude_padding else torch.ones_like(real)
+        unread = None
+        if (
+            self.config.skip_unread_last_layer
+            and labels is not None
+            and not reads_everything
+            and self.exact_savings_active(training)
+        ):
+            unread = ~output_positions(labels.to(device), "dense")
         return BatchState(
-            self._forward_id, shape, score_mask, self._token_split(training, labels, real)
+            self._forward_id, shape, score_mask, self._token_split(training, labels, real), unread
         )
+
+    def exact_savings_active(self, training: bool) -> bool:
+        """Whether a forward may skip the work no loss reads (training, outside `dense()`)."""
+        return self._installed and self._dense_depth == 0 and training
+
+    def record_skipped_head(self, hidden: torch.Tensor, read: torch.Tensor, vocab: int) -> None:
+        """Count the LM-head FLOPs the labelled-logits saving skipped in one forward."""
+        skipped = hidden.shape[0] * hidden.shape[1] - int(read.sum())
+        passes = 2 if torch.is_grad_enabled() else 1
+        self.stats.flops_saved += 2 * passes * hidden.shape[-1] * vocab * skipped
 
     def _token_split(self, training: bool, labels, real: torch.Tensor) -> TokenSplit | None:
         if not (self._enabled and self._dense_depth == 0 and self.ready):
@@ -377,7 +411,9 @@ def apply_sparselora(
     layers = family.decoder_layers(base)
     ffn, attn = config.layer_sparsity(len(layers))
 
-    modules = {i: family.block(layers[i], i, base.config) for i in sorted(set(ffn) | set(attn))}
+    last = len(layers) - 1
+    wrapped = set(ffn) | set(attn) | ({last} if config.skip_unread_last_layer else set())
+    modules = {i: family.block(layers[i], i, base.config) for i in sorted(wrapped)}
     for i, block in modules.items():
         targets = ([block.gate, block.up, block.down] if i in ffn else []) + (
             [block.q, block.k, block.v, block.o] if i in attn else []
@@ -395,8 +431,14 @@ def apply_sparselora(
     )
     handle = SparseLoRA(base, config, {}, keys, weights, cache, fingerprint)
     handle.blocks = {
-        i: SparseBlock(handle, block, ffn.get(i), attn.get(i)) for i, block in modules.items()
+        i: SparseBlock(
+            handle, block, ffn.get(i), attn.get(i), last=i == last and config.skip_unread_last_layer
+        )
+        for i, block in modules.items()
     }
+    parts = family.causal_lm_parts(base) if config.labelled_logits else None
+    if parts is not None:
+        handle._head = LabelledLogits(handle, base, *parts)
 
     if keys:
         _provide_estimator(handle, config, estimator, calibration, cache, weights, fingerprint)

@@ -33,6 +33,7 @@ if TYPE_CHECKING:
     from sparselora.apply import BatchState, SparseLoRA
 
 ATTN_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj")
+SKIPPABLE = ("mlp", "q_proj", "o_proj")  # what the last layer skips for unread tokens
 
 
 class SparseBlock:
@@ -44,12 +45,14 @@ class SparseBlock:
         modules: BlockModules,
         ffn_sparsity: float | None,
         attn_sparsity: float | None,
+        last: bool = False,
     ) -> None:
         self.handle = handle
         self.modules = modules
         self.index = modules.index
         self.ffn_sparsity = ffn_sparsity
         self.attn_sparsity = attn_sparsity
+        self.last = last  # the model's last decoder layer: unread tokens skip q, o and the FFN
         self.selection: dict[str, torch.Tensor] = {}
         self._selection_forward = -1
         self._originals: dict[str, tuple[torch.nn.Module, object]] = {}
@@ -65,6 +68,8 @@ class SparseBlock:
             out["mlp"] = m.mlp
         if self.attn_sparsity is not None:
             out.update(q_proj=m.q, k_proj=m.k, v_proj=m.v, o_proj=m.o)
+        if self.last:
+            out.update(mlp=m.mlp, q_proj=m.q, o_proj=m.o)
         return out
 
     def install(self) -> None:
@@ -91,15 +96,18 @@ class SparseBlock:
         """x: (B, L, H) -> (B, L, H)."""
         batch = self.handle.batch_for(x)
         self.handle.observe(self.index, "mlp", x, batch)
-        if batch is None or batch.split is None or batch.split.all_dense or self._merged("mlp"):
+        split = self._split(batch, "mlp")
+        if split is None or split.all_dense or self._merged("mlp"):
             return original(x, *args, **kwargs)
-        split = batch.split
-        keep = self._ffn_channels(batch, x)
         flat = x.reshape(-1, x.shape[-1])  # (B*L, H)
         if split.all_sparse:
-            return self._sparse_mlp(flat, keep).view_as(x)
-        y_sparse = self._sparse_mlp(flat.index_select(0, split.sparse_rows), keep)
+            return self._sparse_mlp(flat, self._ffn_channels(batch, x)).view_as(x)
+        y_sparse = flat.new_zeros(0, x.shape[-1])
+        if split.sparse_rows.numel():
+            keep = self._ffn_channels(batch, x)
+            y_sparse = self._sparse_mlp(flat.index_select(0, split.sparse_rows), keep)
         y_dense = original(flat.index_select(0, split.dense_rows), *args, **kwargs)
+        self._record_skipped(batch, split, "mlp")
         return split.merge(y_sparse, y_dense).view_as(x)
 
     def _projection_forward(
@@ -109,20 +117,34 @@ class SparseBlock:
         batch = self.handle.batch_for(x)
         if role == "q_proj":
             self.handle.observe(self.index, "attn", x, batch)
-        if batch is None or batch.split is None or batch.split.all_dense or self._merged(role):
+        split = self._split(batch, role)
+        if split is None or split.all_dense or self._merged(role):
             return original(x, *args, **kwargs)
-        if role == "o_proj" and "o_proj" not in self.selection_for(batch):
-            return original(x, *args, **kwargs)  # q/k/v did not run sparse in this forward
-        split = batch.split
-        channels = self._attention_channels(batch, x, role)
         module = self.targets[role]
         flat = x.reshape(-1, x.shape[-1])
         sparse_fn = self._sparse_o if role == "o_proj" else self._sparse_qkv
         if split.all_sparse:
+            channels = self._attention_channels(batch, x, role)
             return sparse_fn(module, flat, channels).view(*x.shape[:-1], -1)
-        y_sparse = sparse_fn(module, flat.index_select(0, split.sparse_rows), channels)
+        y_sparse = flat.new_zeros(0, base_linear(module).out_features)
+        if split.sparse_rows.numel():
+            channels = self._attention_channels(batch, x, role)
+            y_sparse = sparse_fn(module, flat.index_select(0, split.sparse_rows), channels)
         y_dense = original(flat.index_select(0, split.dense_rows), *args, **kwargs)
+        self._record_skipped(batch, split, role)
         return split.merge(y_sparse, y_dense).view(*x.shape[:-1], -1)
+
+    def _split(self, batch: BatchState | None, role: str) -> ops.TokenSplit | None:
+        """How `role` treats the tokens of `batch`: None means run the original module."""
+        if batch is None:
+            return None
+        sparse = self.ffn_sparsity is not None if role == "mlp" else self.attn_sparsity is not None
+        if sparse and role == "o_proj" and batch.split is not None:
+            # o reads the channels q/k/v chose; if they ran dense (merged), o runs dense too.
+            sparse = "o_proj" in self.selection_for(batch)
+        if self.last and role in SKIPPABLE and batch.unread is not None:
+            return batch.skip_split(sparse)
+        return batch.split if sparse else None
 
     def _merged(self, role: str) -> bool:
         """A merged adapter lives in the base weight: slicing it would add the delta twice."""
@@ -221,6 +243,15 @@ class SparseBlock:
         stats.add(name, kept)
         passes = 2 if torch.is_grad_enabled() else 1  # forward, plus the input-gradient backward
         stats.flops_saved += 2 * passes * macs_per_token * batch.split.sparse_rows.numel()
+
+    def _record_skipped(self, batch: BatchState, split: ops.TokenSplit, role: str) -> None:
+        """Count the frozen FLOPs of the rows the last layer skipped."""
+        if not split.skip_rows.numel():
+            return
+        base = base_linear(self.modules.gate if role == "mlp" else self.targets[role])
+        macs = base.in_features * base.out_features * (3 if role == "mlp" else 1)
+        passes = 2 if torch.is_grad_enabled() else 1
+        self.handle.stats.flops_saved += 2 * passes * macs * split.skip_rows.numel()
 
     def _projector(self, role: str, module) -> Callable[[torch.Tensor], torch.Tensor]:
         """(T, in) float32 -> (T, out) float32: the estimator's x A B + b, or the true x W^T + b."""

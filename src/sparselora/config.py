@@ -214,6 +214,22 @@ class SparseLoRAConfig:
             "reference code's no_grad bug. For comparison only."
         ),
     )
+    labelled_logits: bool = field(
+        default=True,
+        metadata=_help(
+            "Exact saving: in training forwards with labels, run the LM head and the loss only "
+            "at the positions that predict a labelled token. Loss and gradients are unchanged; "
+            "the returned logits are then those positions only, flattened to (N, vocab)."
+        ),
+    )
+    skip_unread_last_layer: bool = field(
+        default=True,
+        metadata=_help(
+            "Exact saving: in the last decoder layer, positions whose output no loss reads "
+            "(context, padding) compute only their keys and values; their query, o_proj and "
+            "FFN are skipped. Loss and gradients are unchanged."
+        ),
+    )
     calibration_tokens: int = field(
         default=8192,
         metadata=_help(
@@ -261,6 +277,8 @@ class SparseLoRAConfig:
             "sparse_in_eval",
             "sparse_lora_branch",
             "detach_sparse_base",
+            "labelled_logits",
+            "skip_unread_last_layer",
         ):
             if not isinstance(getattr(self, name), bool):
                 raise ConfigError(f"{name} must be true or false, got {getattr(self, name)!r}")

@@ -53,6 +53,7 @@ from sparselora.selection import num_kept
 
 ATTN_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj")
 MLP_PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
+SKIPPED_LAST = ("q_proj", "o_proj") + MLP_PROJECTIONS  # run on read positions only, last layer
 DEFAULT_LORA_TARGETS = ATTN_PROJECTIONS
 # Position along a decoder layer: q/k/v read the layer input, o the attention output, gate/up
 # the FFN input, down the FFN activation. A projection needs an input gradient iff a LoRA
@@ -305,15 +306,25 @@ def step_flops(
 
     tokens = batch * seq_len
     ffn, attn = ({}, {}) if config is None else config.layer_sparsity(shape.num_layers)
+    # Token sets of one sequence: the last `out_tokens` are labelled; position t is read by the
+    # loss when t + 1 is labelled; the sparse set follows config.output_tokens.
+    labelled = set(range(seq_len - out_tokens, seq_len))
+    read = {t for t in range(seq_len - 1) if t + 1 in labelled}
     if config is None:
-        sparse_tokens = 0
+        sparse_set: set[int] = set()
     elif config.output_tokens == "sparse":
-        sparse_tokens = tokens
+        sparse_set = set(range(seq_len))
+    elif config.output_tokens == "dense_labelled":
+        sparse_set = set(range(seq_len)) - labelled
     else:
-        sparse_tokens = batch * (seq_len - out_tokens)
-    dense_tokens = tokens - sparse_tokens
+        sparse_set = set(range(seq_len)) - read
+    sparse_tokens = batch * len(sparse_set)
     if sparse_tokens == 0:
         ffn, attn = {}, {}
+    # The last layer's skippable projections (q, o, FFN) run on read positions only.
+    skip_last = config is not None and config.skip_unread_last_layer
+    last_sparse = batch * len(sparse_set & read)
+    last_dense = batch * len(read - sparse_set)
     detach = config is not None and config.detach_sparse_base
     sparse_lora = config is not None and config.sparse_lora_branch
     first_adapted = min(STAGE[p] for p in lora_targets)
@@ -321,13 +332,22 @@ def step_flops(
     flops = dict.fromkeys(COMPONENTS, 0)
     full = shape.projections()
     core_forward = 4 * batch * shape.num_heads * seq_len**2 * shape.head_dim
+    estimated_ffn = len(ffn)
     for layer in range(shape.num_layers):
         kept = _kept_projections(shape, ffn.get(layer), attn.get(layer))
         position = layer * STAGES_PER_LAYER
+        last = skip_last and layer == shape.num_layers - 1
+        if last and layer in ffn and last_sparse == 0:
+            estimated_ffn -= 1  # no FFN token left sparse: no channels are chosen
         for proj, (d_in, d_out) in full.items():
             k_in, k_out = kept[proj]
-            sparse = _matmul(sparse_tokens, k_in, k_out)
-            forward = _matmul(dense_tokens, d_in, d_out) + sparse
+            n_sparse, n_dense = sparse_tokens, tokens - sparse_tokens
+            if last and proj in SKIPPED_LAST:
+                n_sparse, n_dense = last_sparse, last_dense
+            if layer not in (ffn if proj in MLP_PROJECTIONS else attn):
+                n_sparse, n_dense = 0, n_sparse + n_dense
+            sparse = _matmul(n_sparse, k_in, k_out)
+            forward = _matmul(n_dense, d_in, d_out) + sparse
             input_grad = grad_to_embeddings or position + STAGE[proj] > first_adapted
             backward = forward if input_grad else 0
             if input_grad and detach and layer in attn and proj in ATTN_PROJECTIONS:
@@ -337,16 +357,17 @@ def step_flops(
                 lora_in, lora_out = (d_in, d_out)
                 if sparse_lora and layer in ffn and proj in MLP_PROJECTIONS:
                     lora_in, lora_out = k_in, k_out
-                flops["lora"] += _lora(dense_tokens, d_in, d_out, lora_rank, input_grad)
-                flops["lora"] += _lora(sparse_tokens, lora_in, lora_out, lora_rank, input_grad)
+                flops["lora"] += _lora(n_dense, d_in, d_out, lora_rank, input_grad)
+                flops["lora"] += _lora(n_sparse, lora_in, lora_out, lora_rank, input_grad)
         core_backward = grad_to_embeddings or position >= first_adapted
         flops["attn_core"] += core_forward * (3 if core_backward else 1)
 
-    lm_tokens = batch * min(out_tokens, seq_len - 1) if logits_on_output_only else tokens
+    head_on_read = logits_on_output_only or (config is not None and config.labelled_logits)
+    lm_tokens = batch * len(read) if head_on_read else tokens
     flops["lm_head"] = 2 * _matmul(lm_tokens, shape.hidden, shape.vocab_size)
     if config is not None:
         scored = batch * (seq_len - pad_tokens) if config.exclude_padding else tokens
-        flops["estimator"] = _estimator(shape, config, len(ffn), len(attn), scored, batch)
+        flops["estimator"] = _estimator(shape, config, estimated_ffn, len(attn), scored, batch)
 
     result = {name: float(value) for name, value in flops.items()}
     result["total"] = float(sum(flops.values()))

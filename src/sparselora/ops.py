@@ -34,29 +34,37 @@ def scatter_channels(y_kept: torch.Tensor, cols: torch.Tensor, width: int) -> to
 
 
 class TokenSplit:
-    """Flattened token positions of one micro-batch, split into a sparse and a dense set.
+    """Flattened token positions of one micro-batch, split into sparse, dense and skipped sets.
 
-    `sparse_rows` (n_s,) and `dense_rows` (n_d,) index the B*L flattened tokens; together they
-    are a permutation of 0..B*L-1. `merge` puts per-set results back in token order.
+    `sparse_rows` (n_s,), `dense_rows` (n_d,) and `skip_rows` (n_k,) index the B*L flattened
+    tokens; together they are a permutation of 0..B*L-1. Skipped rows (tokens whose output
+    nothing reads) take precedence over sparse ones. `merge` puts per-set results back in
+    token order, with zeros for skipped rows.
     """
 
-    def __init__(self, sparse_mask: torch.Tensor) -> None:
-        flat = sparse_mask.reshape(-1)  # (B*L,)
-        self.num_tokens = flat.numel()
-        self.sparse_rows = flat.nonzero().squeeze(1)
-        self.dense_rows = (~flat).nonzero().squeeze(1)
-        order = torch.cat([self.sparse_rows, self.dense_rows])
+    def __init__(self, sparse_mask: torch.Tensor, skip_mask: torch.Tensor | None = None) -> None:
+        sparse = sparse_mask.reshape(-1)  # (B*L,)
+        self.sparse_mask = sparse
+        self.num_tokens = sparse.numel()
+        skip = torch.zeros_like(sparse) if skip_mask is None else skip_mask.reshape(-1)
+        self.sparse_rows = (sparse & ~skip).nonzero().squeeze(1)
+        self.dense_rows = (~sparse & ~skip).nonzero().squeeze(1)
+        self.skip_rows = skip.nonzero().squeeze(1)
+        order = torch.cat([self.sparse_rows, self.dense_rows, self.skip_rows])
         self.inverse = torch.empty_like(order)
         self.inverse[order] = torch.arange(order.numel(), device=order.device)
 
     @property
     def all_sparse(self) -> bool:
-        return self.dense_rows.numel() == 0
+        return self.sparse_rows.numel() == self.num_tokens
 
     @property
     def all_dense(self) -> bool:
-        return self.sparse_rows.numel() == 0
+        return self.dense_rows.numel() == self.num_tokens
 
     def merge(self, y_sparse: torch.Tensor, y_dense: torch.Tensor) -> torch.Tensor:
-        """(n_s, C) and (n_d, C) -> (B*L, C) in token order."""
-        return torch.cat([y_sparse, y_dense]).index_select(0, self.inverse)
+        """(n_s, C) and (n_d, C) -> (B*L, C) in token order, zeros at skipped rows."""
+        parts = [y_sparse, y_dense]
+        if self.skip_rows.numel():
+            parts.append(y_dense.new_zeros(self.skip_rows.numel(), y_dense.shape[-1]))
+        return torch.cat(parts).index_select(0, self.inverse)

@@ -56,3 +56,11 @@ class ModelFamily(abc.ABC):
     @abc.abstractmethod
     def block(self, layer: nn.Module, index: int, config) -> BlockModules:
         """The modules SparseLoRA wraps in decoder layer `index`."""
+
+    def causal_lm_parts(self, model: nn.Module) -> tuple[nn.Module, nn.Module] | None:
+        """(decoder body, LM head) if the model's loss is cross-entropy on head(body(x)).
+
+        None turns the labelled-logits saving off for the family (logit soft-capping or
+        scaling, a custom head).
+        """
+        return None

@@ -20,6 +20,12 @@ class LlamaFamily(ModelFamily):
     def decoder_layers(self, model: nn.Module) -> Sequence[nn.Module]:
         return model.model.layers
 
+    def causal_lm_parts(self, model: nn.Module) -> tuple[nn.Module, nn.Module] | None:
+        head = getattr(model, "lm_head", None)
+        if head is None or getattr(model.config, "final_logit_softcapping", None):
+            return None
+        return model.model, head
+
     def block(self, layer: nn.Module, index: int, config) -> BlockModules:
         attn, mlp = layer.self_attn, layer.mlp
         num_heads = config.num_attention_heads
