@@ -6,6 +6,7 @@ get 0.5 within 0.5%. Then the combined preset is measured, and while its loss in
 --target, the layer with the largest one-layer increase is made dense again.
 
     python benchmarks/choose_preset.py --csv docs/layer_sensitivity.csv --target 3.0
+    python benchmarks/choose_preset.py --blocks ffn --target 0.5   # FFN only, tighter budget
 """
 
 from __future__ import annotations
@@ -57,11 +58,15 @@ def main() -> None:
     parser.add_argument("--csv", default="docs/layer_sensitivity.csv")
     parser.add_argument("--examples", type=int, default=16)
     parser.add_argument("--target", type=float, default=3.0, help="max combined loss increase, %")
+    parser.add_argument("--blocks", default="ffn,attn", help="which blocks may be sparse")
     args = parser.parse_args()
     torch.set_num_threads(2)
     with open(args.csv) as handle_file:
         rows = list(csv.DictReader(handle_file))
     chosen = candidates(rows)
+    for block in chosen:
+        if block not in args.blocks.split(","):
+            chosen[block] = {}
 
     model, tokenizer = load_smollm2()
     model.eval()

@@ -225,9 +225,25 @@ def _check_choices(name: str, values: Sequence[str], allowed: tuple[str, ...]) -
 # -- model and data -----------------------------------------------------------------------
 
 
+def llama_config(shape: ModelShape):
+    """A `LlamaConfig` of `shape` with an untied LM head, for models built with random weights."""
+    from transformers import LlamaConfig
+
+    return LlamaConfig(
+        hidden_size=shape.hidden,
+        intermediate_size=shape.intermediate,
+        num_hidden_layers=shape.num_layers,
+        num_attention_heads=shape.num_heads,
+        num_key_value_heads=shape.num_kv_heads,
+        head_dim=shape.head_dim,
+        vocab_size=shape.vocab_size,
+        tie_word_embeddings=False,
+    )
+
+
 def load_bench_model(config: BenchConfig, device: torch.device, dtype: torch.dtype) -> nn.Module:
     """The base causal LM on `device` in `dtype`, in train mode; no tokenizer is needed."""
-    from transformers import AutoConfig, AutoModelForCausalLM, LlamaConfig
+    from transformers import AutoConfig, AutoModelForCausalLM
 
     name = config.model
     if config.random_weights:
@@ -238,17 +254,7 @@ def load_bench_model(config: BenchConfig, device: torch.device, dtype: torch.dty
         elif Path(name).is_dir():
             model_config = AutoConfig.from_pretrained(name)
         else:
-            shape = load_shape(name)
-            model_config = LlamaConfig(
-                hidden_size=shape.hidden,
-                intermediate_size=shape.intermediate,
-                num_hidden_layers=shape.num_layers,
-                num_attention_heads=shape.num_heads,
-                num_key_value_heads=shape.num_kv_heads,
-                head_dim=shape.head_dim,
-                vocab_size=shape.vocab_size,
-                tie_word_embeddings=False,
-            )
+            model_config = llama_config(load_shape(name))
         torch.manual_seed(config.seed)
         with device:  # initialise in place: an 8B model is not built on the CPU first
             model = AutoModelForCausalLM.from_config(
