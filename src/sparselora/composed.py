@@ -18,8 +18,9 @@ timed one at a time and the step time is composed from the preset's layer patter
 The parts live in a "parts model": `LlamaForCausalLM` of the model's shape with one decoder layer
 per kind (the last kind last, so the handle treats it as the last layer) and random weights,
 wrapped in PEFT LoRA and `apply_sparselora` with each kind's sparsity on its parts layer. Both
-methods are timed alternately (LoRA under `handle.dense()`, i.e. PEFT LoRA itself), every part
-in every repeat, so a drifting shared machine hits both alike. Then, with medians per part,
+methods are timed back to back (LoRA under `handle.dense()`, i.e. PEFT LoRA itself; which runs
+first alternates), every part in every repeat, so a drifting shared machine hits both alike.
+Then, with medians per part,
 
     LoRA step       = inputs + sum over layers of t_lora(kind)   + head_lora   + optimizer
     SparseLoRA step = inputs + sum over layers of t_sparse(kind) + head_sparse + optimizer
@@ -66,6 +67,8 @@ from tqdm import tqdm
 
 from sparselora.apply import SparseLoRA, apply_sparselora
 from sparselora.bench import (
+    DEVICES,
+    DTYPES,
     EMBEDDED_MODEL,
     METHODS,
     TASK_SHAPES,
@@ -163,7 +166,10 @@ class ComposedConfig(BenchConfig):
         if self.random_weights is not True:
             raise ConfigError("random_weights must be true: the parts model has random weights")
         if self.padding != ["none"]:
-            raise ConfigError(f"padding = {self.padding} is not allowed; choose from [['none']]")
+            raise ConfigError(
+                f"padding = {self.padding} is not allowed; the composed benchmark runs unpadded "
+                "rows, choose ['none']"
+            )
         if not isinstance(self.validate, bool):
             raise ConfigError(f"validate must be true or false, got {self.validate!r}")
         self.model_shape()
@@ -243,8 +249,8 @@ class Part:
 
     `run()` is the timed work: LoRA under `handle.dense()`, SparseLoRA otherwise. `reset()`
     (untimed, before each run) drops the gradients the previous run left, as `zero_grad` does.
-    Layer parts also have `forward()`: the layer's output (B, L, H) and the channels the handle
-    chose in it, for `PartsModel.check_sparse_path`.
+    Layer parts also have `forward()`: the layer's output (B, L, H) on its input `x` (B, L, H)
+    and the channels the handle chose in it, for `PartsModel.check_sparse_path`.
     """
 
     part: str
@@ -255,6 +261,7 @@ class Part:
     kind: LayerKind | None = None
     layers: list[int] = field(default_factory=list)
     forward: Callable[[], tuple[torch.Tensor, dict[str, torch.Tensor]]] | None = None
+    x: torch.Tensor | None = None
 
 
 class PartsModel:
@@ -316,13 +323,6 @@ class PartsModel:
     def lora_parameter_shapes(self) -> list[tuple[torch.Size, torch.dtype]]:
         """Shapes and dtypes of the FULL model's trainable parameters: every decoder layer's
         adapters, as PEFT made them in parts layer 0 (all layers have the same shapes)."""
-        outside = [
-            name
-            for name, param in self.model.named_parameters()
-            if param.requires_grad and ".layers." not in name
-        ]
-        if outside:
-            raise ConfigError(f"lora_targets: trainable parameters outside the layers: {outside}")
         layer = self.model.model.layers[0]
         one_layer = [(p.shape, p.dtype) for p in layer.parameters() if p.requires_grad]
         return one_layer * self.model_shape.num_layers
@@ -381,11 +381,8 @@ class PartsModel:
                 for param in layer.parameters():
                     param.grad = None
 
-            parts.append(
-                Part(
-                    "layer", f"layer: {kind.label}", len(layers), run, reset, kind, layers, forward
-                )
-            )
+            label = f"layer: {kind.label}"
+            parts.append(Part("layer", label, len(layers), run, reset, kind, layers, forward, x))
 
         final_hidden = random_hidden().requires_grad_()
 
@@ -487,13 +484,15 @@ def measure_parts(
     progress: bool = False,
     desc: str = "parts",
 ) -> list[dict[str, Any]]:
-    """Time every part `warmup + steps` times per method, LoRA and SparseLoRA alternating and
-    every part in every repeat; one row per part (see PART_COLUMNS) from the timed repeats."""
+    """Time every part `warmup + steps` times per method; one row per part (see PART_COLUMNS)
+    from the timed repeats. Every repeat runs every part as LoRA and as SparseLoRA back to back,
+    which one first alternating between repeats, so drift and cache warmth hit both alike."""
     times = [{method: [] for method in METHODS} for _ in parts]
     estimator: list[list[float]] = [[] for _ in parts]
-    schedule = [(r >= warmup, i) for r in range(warmup + steps) for i in range(len(parts))]
-    for timed, i in tqdm(schedule, desc=desc, disable=not progress, leave=False):
-        for method in METHODS:
+    schedule = [(r, i) for r in range(warmup + steps) for i in range(len(parts))]
+    for repeat, i in tqdm(schedule, desc=desc, disable=not progress, leave=False):
+        timed = repeat >= warmup
+        for method in METHODS if repeat % 2 == 0 else METHODS[::-1]:
             seconds, estimator_seconds = _time_part(parts[i], method, handle, device)
             if timed:
                 times[i][method].append(seconds)
@@ -819,8 +818,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--lora-targets", default=",".join(defaults.lora_targets), help="comma-separated"
     )
     parser.add_argument("--learning-rate", type=float, default=defaults.learning_rate)
-    parser.add_argument("--dtype", default=defaults.dtype, help="auto, float32, bfloat16, float16")
-    parser.add_argument("--device", default=defaults.device, help="auto, cpu, cuda")
+    parser.add_argument("--dtype", choices=DTYPES, default=defaults.dtype)
+    parser.add_argument("--device", choices=DEVICES, default=defaults.device)
     parser.add_argument("--attn-implementation", default=defaults.attn_implementation)
     parser.add_argument("--threads", type=int, help="torch CPU threads")
     parser.add_argument("--calibration-batches", type=int, default=defaults.calibration_batches)

@@ -210,8 +210,12 @@ def load_shape(model: str) -> ModelShape:
 
 
 def preset_task(name: str) -> str:
-    """The benchmark task whose shape a preset is counted at (llama3-8b-math10k -> math)."""
-    return PRESET_TASKS[name.rsplit("-", 1)[-1]]
+    """The benchmark task whose shape a preset is counted at (llama3-8b-math10k -> math,
+    smollm2-135m-gsm8k-fast -> math): the last dash-separated part that names a task."""
+    for part in reversed(name.split(":")[0].split("-")):
+        if part in PRESET_TASKS:
+            return PRESET_TASKS[part]
+    raise KeyError(f"preset {name!r} names no task of {sorted(PRESET_TASKS)}")
 
 
 def _matmul(tokens: int, d_in: int, d_out: int) -> int:

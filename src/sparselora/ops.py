@@ -1,15 +1,63 @@
 """Sparse linear primitives on frozen weights (no transformers import).
 
 A frozen weight never needs a gradient, so the backward of a sliced matmul needs only the input
-gradient through the same slice: plain autograd over `index_select` + `F.linear` computes exactly
-that (the slice of a frozen weight is a constant to autograd). Shapes: n tokens, in/out features,
+gradient through the same slice. `SlicedLinear` computes it without keeping the slice: forward
+and backward each gather the kept rows / columns into a per-thread scratch buffer that is reused
+from call to call, and autograd saves only the (k,) indices. Plain `index_select` + `F.linear`
+would allocate a fresh (k, in) copy per call (page faults for large slices on CPU) and keep it
+alive until backward (memory the dense step does not spend). Shapes: n tokens, in/out features,
 k kept channels.
 """
 
 from __future__ import annotations
 
+import threading
+
 import torch
 import torch.nn.functional as F
+
+_SCRATCH: dict[tuple, torch.Tensor] = {}  # (device, dtype, thread) -> flat buffer
+
+
+def gather_weight(weight: torch.Tensor, dim: int, index: torch.Tensor) -> torch.Tensor:
+    """weight.index_select(dim, index) written into a reused scratch buffer.
+
+    The result is only valid until the next call on the same thread, device and dtype: use it
+    at once (as an operand), never keep it.
+    """
+    shape = (index.numel(), weight.shape[1]) if dim == 0 else (weight.shape[0], index.numel())
+    size = shape[0] * shape[1]
+    key = (weight.device, weight.dtype, threading.get_ident())
+    buffer = _SCRATCH.get(key)
+    if buffer is None or buffer.numel() < size:
+        buffer = weight.new_empty(size)
+        _SCRATCH[key] = buffer
+    return torch.index_select(weight, dim, index, out=buffer[:size].view(shape))
+
+
+class SlicedLinear(torch.autograd.Function):
+    """y = x W_s^T + b_s with W_s = W.index_select(dim, index); gradient for x only."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, index, dim):
+        ctx.save_for_backward(weight, index)
+        ctx.dim, ctx.x_dtype = dim, x.dtype
+        return F.linear(x, gather_weight(weight, dim, index), bias)
+
+    @staticmethod
+    def backward(ctx, grad):
+        weight, index = ctx.saved_tensors
+        kept = gather_weight(weight, ctx.dim, index)
+        grad_x = grad.matmul(kept.to(grad.dtype)).to(ctx.x_dtype)  # autocast: bf16 grads
+        return grad_x, None, None, None, None
+
+
+def _sliced(x, weight, bias, index, dim) -> torch.Tensor:
+    if weight.requires_grad or (bias is not None and bias.requires_grad):  # unfrozen: autograd
+        return F.linear(x, weight.index_select(dim, index), bias)
+    if not (torch.is_grad_enabled() and x.requires_grad):
+        return F.linear(x, gather_weight(weight, dim, index), bias)
+    return SlicedLinear.apply(x, weight, bias, index, dim)
 
 
 def rows_linear(
@@ -17,14 +65,14 @@ def rows_linear(
 ) -> torch.Tensor:
     """Only the kept output channels: x (n, in) -> (n, k) = x W[rows]^T + b[rows]."""
     kept_bias = None if bias is None else bias.index_select(0, rows)
-    return F.linear(x, weight.index_select(0, rows), kept_bias)
+    return _sliced(x, weight, kept_bias, rows, 0)
 
 
 def cols_linear(
     x_kept: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, cols: torch.Tensor
 ) -> torch.Tensor:
     """Only the kept input channels: x_kept (n, k) -> (n, out) = x_kept W[:, cols]^T + b."""
-    return F.linear(x_kept, weight.index_select(1, cols), bias)
+    return _sliced(x_kept, weight, bias, cols, 1)
 
 
 def scatter_channels(y_kept: torch.Tensor, cols: torch.Tensor, width: int) -> torch.Tensor:
