@@ -1,4 +1,5 @@
-"""The `sparselora` command line: train, eval, export, estimator build, presets, flops, env."""
+"""The `sparselora` command line: train, eval, export, estimator build, presets, flops, bench,
+composed, env."""
 
 from __future__ import annotations
 
@@ -160,6 +161,9 @@ def build_parser() -> argparse.ArgumentParser:
     # `flops` is dispatched before parsing (its own parser); listed here for --help.
     sub.add_parser("flops", help="analytic training FLOPs of LoRA vs SparseLoRA (flops --help)")
     sub.add_parser("bench", help="measured step time, LoRA vs SparseLoRA (bench --help)")
+    sub.add_parser(
+        "composed", help="step time composed from measured parts, for large models (--help)"
+    )
 
     p = sub.add_parser("env", help="versions, for bug reports")
     p.set_defaults(func=_cmd_env)
@@ -176,6 +180,10 @@ def main(argv: list[str] | None = None) -> int:
         from sparselora import bench
 
         return bench.main(argv[1:]) or 0
+    if argv[:1] == ["composed"]:
+        from sparselora import composed
+
+        return composed.main(argv[1:]) or 0
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
     if args.command == "train":  # overrides may follow --method / --output-dir

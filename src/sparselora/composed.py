@@ -783,7 +783,7 @@ def write_results(results: Mapping[str, Any], output_dir: str | Path) -> dict[st
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="python -m sparselora.composed",
+        prog="sparselora composed",
         description="Composed training-step time of SparseLoRA vs PEFT LoRA for a model too "
         "large to run whole: one layer per kind, LM head, optimizer, timed and summed.",
     )

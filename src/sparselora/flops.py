@@ -40,6 +40,7 @@ LoRA and SparseLoRA. No activation checkpointing is assumed (it would add a seco
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 from collections.abc import Iterable, Mapping, Sequence
@@ -379,9 +380,20 @@ def step_flops(
 
 
 def compare(
-    shape: ModelShape, seq_len: int, out_tokens: int, config: SparseLoRAConfig, **kwargs: Any
+    shape: ModelShape,
+    seq_len: int,
+    out_tokens: int,
+    config: SparseLoRAConfig,
+    exact_savings: bool = True,
+    **kwargs: Any,
 ) -> dict[str, Any]:
-    """LoRA and SparseLoRA step FLOPs on the same batch, and the predicted speedup."""
+    """LoRA and SparseLoRA step FLOPs on the same batch, and the predicted speedup.
+
+    exact_savings=False counts channel sparsity alone (the paper's method): the config's
+    labelled_logits and skip_unread_last_layer are turned off.
+    """
+    if not exact_savings:
+        config = dataclasses.replace(config, labelled_logits=False, skip_unread_last_layer=False)
     lora = step_flops(shape, seq_len, out_tokens, config=None, **kwargs)
     sparse = step_flops(shape, seq_len, out_tokens, config=config, **kwargs)
     return {
@@ -487,6 +499,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         action="store_true",
         help="count the LM head only on positions whose next token is labelled",
     )
+    parser.add_argument(
+        "--no-exact-savings",
+        action="store_true",
+        help="SparseLoRA without the exact savings (labelled logits, last-layer skip): the "
+        "paper's channel sparsity alone",
+    )
     parser.add_argument("--format", choices=("markdown", "json"), default="markdown")
     args = parser.parse_args(argv)
 
@@ -495,6 +513,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "lora_rank": args.lora_rank,
         "lora_targets": tuple(t.strip() for t in args.lora_targets.split(",") if t.strip()),
         "logits_on_output_only": args.logits_on_output_only,
+        "exact_savings": not args.no_exact_savings,
     }
     try:
         if args.all_presets:
