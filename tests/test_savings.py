@@ -126,3 +126,12 @@ def test_savings_without_labels_change_nothing():
     expected = model(**unlabelled).logits
     apply_sparselora(model, SparseLoRAConfig(**NO_SPARSITY), use_cache=False)
     assert torch.equal(model(**unlabelled).logits, expected)
+
+
+def test_calibration_batches_with_no_sparse_layer_are_not_an_error():
+    """Exact savings only: nothing to estimate, so calibration batches are simply not needed."""
+    model = lora_model(tiny_llama(kv_heads=2), ATTN)
+    handle = apply_sparselora(
+        model, SparseLoRAConfig(**NO_SPARSITY), calibration=[make_batch()], use_cache=False
+    )
+    assert handle.ready and handle.estimator is None

@@ -443,7 +443,7 @@ def apply_sparselora(
     if keys:
         _provide_estimator(handle, config, estimator, calibration, cache, weights, fingerprint)
     handle._install()
-    if calibration is not None and handle.estimator is None:
+    if calibration is not None and not handle.ready:
         handle.calibrate(calibration)
     logger.info(
         "SparseLoRA on %d FFN and %d attention layers (%s estimator, rank %d)",
