@@ -7,6 +7,7 @@ get 0.5 within 0.5%. Then the combined preset is measured, and while its loss in
 
     python benchmarks/choose_preset.py --csv docs/layer_sensitivity.csv --target 3.0
     python benchmarks/choose_preset.py --blocks ffn --target 0.5   # FFN only, tighter budget
+    python benchmarks/choose_preset.py --examples 64 --measure '{"23-29": 0.9}' ...
 """
 
 from __future__ import annotations
@@ -59,6 +60,12 @@ def main() -> None:
     parser.add_argument("--examples", type=int, default=16)
     parser.add_argument("--target", type=float, default=3.0, help="max combined loss increase, %")
     parser.add_argument("--blocks", default="ffn,attn", help="which blocks may be sparse")
+    parser.add_argument(
+        "--measure",
+        nargs="+",
+        metavar="JSON",
+        help="only measure these FFN sparsity specs, e.g. '{\"23-29\": 0.9}', and exit",
+    )
     args = parser.parse_args()
     torch.set_num_threads(2)
     with open(args.csv) as handle_file:
@@ -81,6 +88,13 @@ def main() -> None:
     estimator = handle.estimator
     handle.remove()
     dense = heldout_loss(model, batches)
+    if args.measure:
+        print(f"dense held-out loss {dense:.4f} on {args.examples} problems")
+        for spec in args.measure:
+            config = SparseLoRAConfig(ffn_sparsity=json.loads(spec), sparse_in_eval=True)
+            delta = 100 * (sparse_loss(model, config, estimator, batches) - dense) / dense
+            print(f"ffn {spec}: {delta:+.2f}%", flush=True)
+        return
 
     while True:
         config = SparseLoRAConfig(

@@ -89,12 +89,12 @@ PRESETS: dict[str, Preset] = {
             {"3-30": 0.99}, {A14_SET: 0.40},
         ),
         # Ours, measured (docs/SMOLLM2_PRESET.md): one-layer held-out loss sweeps on GSM8K,
-        # then layers dropped until the whole preset costs <= 0.5% held-out loss before tuning
-        # (FFN only), or <= 3% for the faster, lossier variant (FFN and attention).
+        # then whole presets measured on 64 held-out problems; the default costs nothing
+        # measurable before tuning, the faster, lossier variant +2.7% (16 problems).
         _preset(
             "smollm2-135m-gsm8k", "HuggingFaceTB/SmolLM2-135M-Instruct", 30,
-            "SmolLM2-135M-Instruct, GSM8K (measured here; +0.3% loss before tuning)",
-            {"5": 0.9, "6": 0.5, "10": 0.9, "17-18": 0.9, "23-29": 0.9}, {},
+            "SmolLM2-135M-Instruct, GSM8K (measured here; -0.6% loss before tuning)",
+            {"10": 0.9, "23-29": 0.9}, {},
         ),
         _preset(
             "smollm2-135m-gsm8k-fast", "HuggingFaceTB/SmolLM2-135M-Instruct", 30,
