@@ -306,7 +306,7 @@ def synthetic_batch(
 # -- measurement --------------------------------------------------------------------------
 
 
-def _sync(device: torch.device) -> None:
+def sync_device(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
@@ -360,14 +360,14 @@ class StepRunner:
         cuda = self.device.type == "cuda"
         if cuda:
             torch.cuda.reset_peak_memory_stats(self.device)
-        _sync(self.device)
+        sync_device(self.device)
         start = time.perf_counter()
         with self._mode(method):
             loss = self.model(**batch, use_cache=False).loss
             loss.backward()
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
-        _sync(self.device)
+        sync_device(self.device)
         seconds = time.perf_counter() - start
         window = self.handle.stats.window()
         result = {
@@ -414,7 +414,7 @@ def predicted_flops(
     )["total"]
 
 
-def _spread(times: Sequence[float]) -> dict[str, float]:
+def spread(times: Sequence[float]) -> dict[str, float]:
     return {"median": statistics.median(times), "min": min(times), "max": max(times)}
 
 
@@ -448,7 +448,7 @@ def measure_row(
 
     lora_times = [s["seconds"] for s in steps["lora"]]
     sparse_times = [s["seconds"] for s in steps["sparselora"]]
-    lora, sparse = _spread(lora_times), _spread(sparse_times)
+    lora, sparse = spread(lora_times), spread(sparse_times)
     speedup = lora["median"] / sparse["median"]
     targets = [t for t in config.lora_targets if t in STAGE]
     flops = {

@@ -74,17 +74,17 @@ from sparselora.bench import (
     TASK_SHAPES,
     BenchConfig,
     BenchShape,
-    _spread,
-    _sync,
     hardware_header,
     llama_config,
     parse_shape,
     run_benchmark,
+    spread,
+    sync_device,
     synthetic_batch,
 )
-from sparselora.config import IGNORE_INDEX, ConfigError, SparseLoRAConfig
+from sparselora.config import ConfigError, SparseLoRAConfig
 from sparselora.flops import ModelShape, load_shape, step_flops
-from sparselora.savings import causal_lm_loss
+from sparselora.savings import labelled_loss
 
 logger = logging.getLogger(__name__)
 
@@ -408,10 +408,7 @@ class PartsModel:
             return model.loss_function(
                 logits=logits, labels=labels, vocab_size=model.config.vocab_size
             )
-        targets = labels[:, 1:]  # (B, L-1): the token each position predicts
-        read = targets != IGNORE_INDEX
-        logits = model.lm_head(normed[:, :-1][read])  # (N, V)
-        return causal_lm_loss(logits, targets[read])
+        return labelled_loss(normed, labels, model.lm_head)[0]
 
     def _optimizer_part(self) -> Part:
         shapes = self.lora_parameter_shapes()
@@ -466,11 +463,11 @@ def _time_part(part: Part, method: str, handle: SparseLoRA, device: torch.device
     """One timed run of `part` as `method`: (seconds, estimator seconds)."""
     part.reset()
     handle.stats.window()  # start this run's statistics window
-    _sync(device)
+    sync_device(device)
     start = time.perf_counter()
     with handle.dense() if method == "lora" else contextlib.nullcontext():
         part.run()
-    _sync(device)
+    sync_device(device)
     seconds = time.perf_counter() - start
     return seconds, handle.stats.window().get("estimator_seconds", 0.0)
 
@@ -505,7 +502,7 @@ def part_row(
     part: Part, times: Mapping[str, Sequence[float]], estimator: Sequence[float]
 ) -> dict[str, Any]:
     """Median, min and max seconds per method of one part, and its total in the full model."""
-    lora, sparse = _spread(times["lora"]), _spread(times["sparselora"])
+    lora, sparse = spread(times["lora"]), spread(times["sparselora"])
     kind = part.kind
     return {
         "part": part.part,

@@ -77,6 +77,20 @@ def causal_lm_loss(
     return loss / num_items_in_batch
 
 
+def labelled_loss(
+    hidden: torch.Tensor, labels: torch.Tensor, head: nn.Module, num_items_in_batch=None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The causal-LM loss with the head applied only where a label is read.
+
+    hidden (B, L, H) final hidden states, labels (B, L). Returns (loss, logits (N, V) of the N
+    read positions in row-major order, read (B, L-1) bool).
+    """
+    targets = labels[:, 1:].to(hidden.device)  # (B, L-1): the token each position predicts
+    read = targets != IGNORE_INDEX
+    logits = head(hidden[:, :-1][read])  # (N, V)
+    return causal_lm_loss(logits, targets[read], num_items_in_batch), logits, read
+
+
 class LabelledLogits:
     """Takes over the causal LM's forward: LM head and loss only at labelled positions.
 
@@ -134,10 +148,9 @@ class LabelledLogits:
             use_cache=False,
         )
         hidden = outputs.last_hidden_state  # (B, L, H)
-        targets = labels[:, 1:].to(hidden.device)  # (B, L-1): the token each position predicts
-        read = targets != IGNORE_INDEX
-        logits = self.head(hidden[:, :-1][read])  # (N, V)
-        loss = causal_lm_loss(logits, targets[read], arguments.get("num_items_in_batch"))
+        loss, logits, read = labelled_loss(
+            hidden, labels, self.head, arguments.get("num_items_in_batch")
+        )
         self.handle.record_skipped_head(hidden, read, logits.shape[-1])
         return CausalLMOutputWithPast(loss=loss, logits=logits)
 
