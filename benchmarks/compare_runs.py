@@ -76,7 +76,35 @@ def main() -> None:
             p = curves[m][i] if i < len(curves[m]) else None
             cells += [f"{p['eval_loss']:.4f}", f"{p['train_seconds']:.0f}"] if p else ["", ""]
         print(f"| {point['step']} | " + " | ".join(cells) + " |")
+    base = curves[methods[0]]
+    for method in methods[1:]:
+        print(f"\n{method} against {methods[0]}: same step, and {methods[0]} interpolated at the "
+              "same training time (linear between its evaluations)")  # fmt: skip
+        print(f"| step | {method} loss | {methods[0]} loss, same step | ratio | train s | "
+              f"{methods[0]} loss, same time | ratio |")  # fmt: skip
+        print("|---|---|---|---|---|---|---|")
+        for point, same_step in zip(curves[method], base, strict=False):
+            same_time = interpolate(base, point["train_seconds"])
+            cells = [
+                str(point["step"]),
+                f"{point['eval_loss']:.4f}",
+                f"{same_step['eval_loss']:.4f}",
+                f"{point['eval_loss'] / same_step['eval_loss']:.4f}",
+                f"{point['train_seconds']:.0f}",
+                "-" if same_time is None else f"{same_time:.4f}",
+                "-" if same_time is None else f"{point['eval_loss'] / same_time:.4f}",
+            ]
+            print("| " + " | ".join(cells) + " |")
     print(f"\nwrote {args.out}")
+
+
+def interpolate(points: list[dict], seconds: float) -> float | None:
+    """The loss of a curve at `seconds` of training, linear between evaluations; None outside."""
+    for a, b in zip(points, points[1:], strict=False):
+        if a["train_seconds"] <= seconds <= b["train_seconds"]:
+            w = (seconds - a["train_seconds"]) / (b["train_seconds"] - a["train_seconds"])
+            return a["eval_loss"] + w * (b["eval_loss"] - a["eval_loss"])
+    return None
 
 
 if __name__ == "__main__":
