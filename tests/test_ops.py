@@ -32,7 +32,7 @@ def test_sliced_linear_matches_plain_autograd(dim, with_bias):
     torch.testing.assert_close(gx, gx_ref)
 
 
-def test_no_slice_of_the_weight_is_saved_for_backward():
+def test_no_row_slice_of_the_weight_is_saved_for_backward():
     weight = torch.randn(64, 32)
     index = torch.arange(0, 64, 2)
     x = torch.randn(5, 32, requires_grad=True)
@@ -42,6 +42,10 @@ def test_no_slice_of_the_weight_is_saved_for_backward():
     shapes = [tuple(t.shape) for t in saved]
     assert (32, 32) not in shapes and shapes  # the indices and the weight itself, not a copy
     assert all(t.data_ptr() == weight.data_ptr() for t in saved if t.dim() == 2)
+    saved.clear()
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        cols_linear(torch.randn(5, 32, requires_grad=True), weight.T, None, index)
+    assert [tuple(t.shape) for t in saved] == [(32, 32)]  # the column slice, gathered once
 
 
 def test_interleaved_forwards_reuse_scratch_safely():

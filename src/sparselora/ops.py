@@ -1,11 +1,12 @@
 """Sparse linear primitives on frozen weights (no transformers import).
 
 A frozen weight never needs a gradient, so the backward of a sliced matmul needs only the input
-gradient through the same slice. `SlicedLinear` computes it without keeping the slice: forward
-and backward each gather the kept rows / columns into a per-thread scratch buffer that is reused
-from call to call, and autograd saves only the (k,) indices. Plain `index_select` + `F.linear`
-would allocate a fresh (k, in) copy per call (page faults for large slices on CPU) and keep it
-alive until backward (memory the dense step does not spend). Shapes: n tokens, in/out features,
+gradient through the same slice. `SlicedLinear` computes it without keeping row slices: forward
+and backward each gather the kept rows into a per-thread scratch buffer that is reused from call
+to call, and autograd saves only the (k,) indices. Plain `index_select` + `F.linear` would
+allocate a fresh (k, in) copy per call and keep it alive until backward (memory the dense step
+does not spend). Column slices, whose gather is strided and costly, are kept as plain autograd
+keeps them (docs/PERFORMANCE.md has the measurements behind both choices). Shapes: n tokens, in/out features,
 k kept channels.
 """
 
@@ -36,18 +37,32 @@ def gather_weight(weight: torch.Tensor, dim: int, index: torch.Tensor) -> torch.
 
 
 class SlicedLinear(torch.autograd.Function):
-    """y = x W_s^T + b_s with W_s = W.index_select(dim, index); gradient for x only."""
+    """y = x W_s^T + b_s with W_s = W.index_select(dim, index); gradient for x only.
+
+    Kept rows (dim 0) are contiguous: gathering them again in backward costs a memcpy, so only
+    the indices are saved and the (k, in) slice lives in scratch. Kept columns (dim 1) are a
+    strided gather that reads nearly every cache line of W at moderate sparsity: that slice is
+    gathered once and saved, as plain autograd would.
+    """
 
     @staticmethod
     def forward(ctx, x, weight, bias, index, dim):
-        ctx.save_for_backward(weight, index)
         ctx.dim, ctx.x_dtype = dim, x.dtype
-        return F.linear(x, gather_weight(weight, dim, index), bias)
+        if dim == 0:
+            ctx.save_for_backward(weight, index)
+            kept = gather_weight(weight, dim, index)
+        else:
+            kept = weight.index_select(dim, index)
+            ctx.save_for_backward(kept)
+        return F.linear(x, kept, bias)
 
     @staticmethod
     def backward(ctx, grad):
-        weight, index = ctx.saved_tensors
-        kept = gather_weight(weight, ctx.dim, index)
+        if ctx.dim == 0:
+            weight, index = ctx.saved_tensors
+            kept = gather_weight(weight, 0, index)
+        else:
+            (kept,) = ctx.saved_tensors
         grad_x = grad.matmul(kept.to(grad.dtype)).to(ctx.x_dtype)  # autocast: bf16 grads
         return grad_x, None, None, None, None
 
