@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import json
+import statistics
 
 import peft
 import pytest
@@ -97,6 +98,9 @@ def test_rows_are_sane(bench_run):
             assert row[f"{method}_peak_mib"] is None  # no peak counter on CPU
             assert row[f"{method}_saved_mib"] > 0
         assert row["speedup"] == pytest.approx(row["lora_median_s"] / row["sparselora_median_s"])
+        times = zip(row["lora_step_times"], row["sparselora_step_times"], strict=True)
+        ratios = [a / b for a, b in times]
+        assert row["paired_speedup"] == pytest.approx(statistics.median(ratios))
         assert row["predicted_speedup"] > 1.0
         assert row["sparselora_tflops"] < row["lora_tflops"]
         assert row["fraction_of_predicted"] == pytest.approx(

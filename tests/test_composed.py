@@ -67,12 +67,12 @@ def composed_run(tiny_dir, sparse_yaml, tmp_path_factory):
     return out
 
 
-def parts_model(tiny_dir, attn_impl="sdpa") -> PartsModel:
+def parts_model(tiny_dir, attn_impl="sdpa", fields=SPARSE) -> PartsModel:
     config = ComposedConfig(
         model=str(tiny_dir), batch_size=2, shapes=["32,8"], lora_rank=4, device="cpu",
         dtype="float32", attn_implementation=attn_impl,
     )  # fmt: skip
-    sparse = SparseLoRAConfig(**SPARSE, estimator="svd")
+    sparse = SparseLoRAConfig(**fields, estimator="svd")
     return PartsModel(config, sparse, config.model_shape(), torch.device("cpu"), torch.float32)
 
 
@@ -144,6 +144,15 @@ def test_sparse_parts_run_sparse_and_dense_parts_do_not(tiny_dir, attn_impl):
     model.handle.disable()  # the sparse parts now run dense: the check must notice
     with pytest.raises(RuntimeError, match="did not run as its kind says"):
         model.check_sparse_path(parts)
+    model.remove()
+
+
+def test_a_sparse_last_layer_skips_its_ffn_and_passes_the_check(tiny_dir):
+    """FFN sparsity on the last layer (as in the SmolLM2 preset): its context tokens skip the
+    FFN, so it chooses no FFN channels, and that is what the check must expect."""
+    model = parts_model(tiny_dir, fields={"ffn_sparsity": {"4-5": 0.75}, "estimator_rank": 4})
+    assert LayerKind(0.75, None, True) in model.kinds
+    model.check_sparse_path(model.parts(parse_shape("32,8")))
     model.remove()
 
 

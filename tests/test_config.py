@@ -61,7 +61,7 @@ def test_round_trip_through_files(tmp_path, suffix):
 
 
 def test_every_paper_preset_loads_and_fits_its_model():
-    assert len(PRESETS) == 11
+    assert len(PRESETS) == 12  # 10 of the paper, 2 measured on SmolLM2
     for name, preset in PRESETS.items():
         config = get_preset(name)
         assert config.preset == name and config.estimator == "whitened_svd"
@@ -73,7 +73,7 @@ def test_every_paper_preset_loads_and_fits_its_model():
         )
         assert paper.ffn_sparsity == config.ffn_sparsity
         ffn, attn = config.layer_sparsity(preset.num_layers)
-        assert ffn and attn
+        assert ffn and (attn or name == "smollm2-135m-gsm8k")  # ours is FFN only
 
 
 def test_preset_values_match_the_paper_table():

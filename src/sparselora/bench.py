@@ -5,8 +5,9 @@ steps run under `handle.dense()` (the wrapped forwards call the original modules
 PEFT LoRA's own), SparseLoRA steps run sparse from step 0 (the estimator is fitted before the
 first step). For each shape (L, out) and padding mode, both methods train end to end (forward,
 backward, AdamW step, zero_grad) on the SAME synthetic batch: random token ids, labels -100
-except the last `out` tokens of each row. Steps are interleaved LoRA, SparseLoRA, LoRA, ... so
-slow drifts of a shared machine hit both alike; warm-up steps are run the same way, untimed.
+except the last `out` tokens of each row. Steps run in pairs, A B B A A B ..., so slow drifts of
+a shared machine hit both alike and neither method always goes first; warm-up steps are run the
+same way, untimed.
 
 Same state for both methods: the trainable (LoRA) parameters are snapshotted once and restored
 before every step (outside the timed region), and each method has its own AdamW. Every step of
@@ -14,7 +15,8 @@ a method therefore repeats the same computation from the same weights; only the 
 moments advance, which does not change its cost.
 
 Reported per (shape, padding) row: median, min and max step seconds per method; measured speedup
-(median LoRA / median SparseLoRA); the FLOPs-predicted speedup (`sparselora.flops.step_flops`
+(median LoRA / median SparseLoRA) and the paired speedup (median over pairs of the two adjacent
+steps' ratio, robust to drift); the FLOPs-predicted speedup (`sparselora.flops.step_flops`
 on the same shape, padding and config) and measured / predicted; the estimator's share of the
 sparse step (host-side seconds of channel selection, `handle.stats`); the end-to-end speedup of
 a training run whose schedule runs the `start_step` fraction (and the steps after `end_step`)
@@ -437,8 +439,13 @@ def measure_row(
         runner.device,
     )
     steps = {method: [] for method in METHODS}
-    schedule = [(False, m) for _ in range(config.warmup_steps) for m in METHODS]
-    schedule += [(True, m) for _ in range(config.steps) for m in METHODS]
+    # A B B A A B ...: each method goes first in every other pair, so an order effect (a step
+    # running faster after the other method's step) cancels instead of favouring one method.
+    def pair(i: int) -> tuple[str, ...]:
+        return METHODS if i % 2 == 0 else METHODS[::-1]
+
+    schedule = [(False, m) for i in range(config.warmup_steps) for m in pair(i)]
+    schedule += [(True, m) for i in range(config.steps) for m in pair(i)]
     label = f"{bench_shape.name} pad={padding}"
     for timed, method in tqdm(schedule, desc=label, disable=not progress, leave=False):
         result = runner.step(method, batch)
@@ -450,6 +457,8 @@ def measure_row(
     sparse_times = [s["seconds"] for s in steps["sparselora"]]
     lora, sparse = spread(lora_times), spread(sparse_times)
     speedup = lora["median"] / sparse["median"]
+    # The two steps of a pair ran back to back: their ratio is robust to slow drifts.
+    paired = statistics.median(a / b for a, b in zip(lora_times, sparse_times, strict=True))
     targets = [t for t in config.lora_targets if t in STAGE]
     flops = {
         method: predicted_flops(
@@ -490,6 +499,7 @@ def measure_row(
         "sparselora_min_s": sparse["min"],
         "sparselora_max_s": sparse["max"],
         "speedup": speedup,
+        "paired_speedup": paired,
         "predicted_speedup": predicted,
         "fraction_of_predicted": speedup / predicted,
         "end_to_end_speedup": 1.0 / (dense_fraction + (1.0 - dense_fraction) / speedup),
@@ -655,6 +665,7 @@ def format_markdown(rows: Sequence[Mapping[str, Any]]) -> str:
         "LoRA ms",
         "SparseLoRA ms",
         "speedup",
+        "paired",
         "predicted",
         "of predicted",
         "end-to-end",
@@ -681,6 +692,7 @@ def format_markdown(rows: Sequence[Mapping[str, Any]]) -> str:
             ms("lora"),
             ms("sparselora"),
             f"{row['speedup']:.2f}x",
+            f"{row['paired_speedup']:.2f}x",
             f"{row['predicted_speedup']:.2f}x",
             f"{100 * row['fraction_of_predicted']:.0f}%",
             f"{row['end_to_end_speedup']:.2f}x",

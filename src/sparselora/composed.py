@@ -442,7 +442,10 @@ class PartsModel:
             with self.handle.dense():
                 dense_out, _ = part.forward()
             sparse_out, chosen = part.forward()
-            expected = {"gate_proj"} if part.kind.ffn_sparsity is not None else set()
+            # In the last layer every context token skips the FFN (output_tokens "dense"), so
+            # no FFN channels are chosen there; its keys and values still run sparse.
+            skipped_ffn = part.kind.last and self.handle.config.output_tokens == "dense"
+            expected = {"gate_proj"} if part.kind.ffn_sparsity and not skipped_ffn else set()
             expected |= {"q_proj"} if part.kind.attn_sparsity is not None else set()
             changed = not torch.equal(dense_out, sparse_out)
             if not expected <= set(chosen) or changed == part.kind.dense:

@@ -1,0 +1,56 @@
+"""Profile one decoder layer of each kind (the composed benchmark's parts) with torch.profiler.
+
+Where does a sparse layer's time go, against the dense layer's and against its FLOPs? Prints,
+per kind and method, the self time of the top operators of one forward + backward (after a
+warm-up), so the excess over the FLOPs prediction can be attributed.
+
+    python benchmarks/profile_layer.py --model llama3-8b --preset llama3-8b-math10k --shape math
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+from sparselora.bench import parse_shape
+from sparselora.composed import ComposedConfig, PartsModel
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="llama3-8b")
+    parser.add_argument("--preset", default="llama3-8b-math10k")
+    parser.add_argument("--shape", default="math")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--top", type=int, default=14)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    config = ComposedConfig(
+        model=args.model, sparselora=args.preset, shapes=[args.shape], estimator="svd"
+    )
+    sparse = config.sparse_config()
+    model = PartsModel(config, sparse, config.model_shape(), torch.device("cpu"), torch.float32)
+    for part in model.parts(parse_shape(args.shape)):
+        if part.part != "layer":
+            continue
+        for method in ("lora", "sparselora"):
+            mode = model.handle.dense() if method == "lora" else contextlib.nullcontext()
+            with mode:
+                part.reset()
+                part.run()  # warm-up
+                part.reset()
+                with profile(activities=[ProfilerActivity.CPU]) as prof:
+                    part.run()
+            events = sorted(prof.key_averages(), key=lambda e: -e.self_cpu_time_total)
+            total = sum(e.self_cpu_time_total for e in events) / 1e3
+            print(f"\n## {part.label} ({method}): {total:.0f} ms of operator self time")
+            for event in events[: args.top]:
+                print(f"  {event.self_cpu_time_total / 1e3:9.1f} ms  {event.count:5d}  {event.key}")
+    model.remove()
+
+
+if __name__ == "__main__":
+    main()
