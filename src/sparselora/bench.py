@@ -439,6 +439,7 @@ def measure_row(
         runner.device,
     )
     steps = {method: [] for method in METHODS}
+
     # A B B A A B ...: each method goes first in every other pair, so an order effect (a step
     # running faster after the other method's step) cancels instead of favouring one method.
     def pair(i: int) -> tuple[str, ...]:
@@ -775,6 +776,45 @@ def write_results(results: Mapping[str, Any], output_dir: str | Path) -> dict[st
 # -- command line -------------------------------------------------------------------------
 
 
+def add_step_arguments(parser: argparse.ArgumentParser, defaults: BenchConfig, unit: str) -> None:
+    """The options `sparselora bench` and `sparselora composed` share: batch, repeats, LoRA,
+    device and seed. `unit` names what warm-up and timed steps are counted per."""
+    parser.add_argument("--batch-size", type=int, default=defaults.batch_size)
+    parser.add_argument("--warmup", type=int, default=defaults.warmup_steps, help=f"per {unit}")
+    parser.add_argument("--steps", type=int, default=defaults.steps, help=f"timed, per {unit}")
+    parser.add_argument("--lora-rank", type=int, default=defaults.lora_rank)
+    parser.add_argument("--lora-alpha", type=int, default=defaults.lora_alpha)
+    parser.add_argument(
+        "--lora-targets", default=",".join(defaults.lora_targets), help="comma-separated"
+    )
+    parser.add_argument("--learning-rate", type=float, default=defaults.learning_rate)
+    parser.add_argument("--dtype", choices=DTYPES, default=defaults.dtype)
+    parser.add_argument("--device", choices=DEVICES, default=defaults.device)
+    parser.add_argument("--attn-implementation", default=defaults.attn_implementation)
+    parser.add_argument("--threads", type=int, help="torch CPU threads")
+    parser.add_argument("--calibration-batches", type=int, default=defaults.calibration_batches)
+    parser.add_argument("--seed", type=int, default=defaults.seed)
+
+
+def step_fields(args: argparse.Namespace) -> dict[str, Any]:
+    """The config fields of the options `add_step_arguments` defines."""
+    return {
+        "batch_size": args.batch_size,
+        "warmup_steps": args.warmup,
+        "steps": args.steps,
+        "lora_rank": args.lora_rank,
+        "lora_alpha": args.lora_alpha,
+        "lora_targets": [t.strip() for t in args.lora_targets.split(",") if t.strip()],
+        "learning_rate": args.learning_rate,
+        "dtype": args.dtype,
+        "device": args.device,
+        "attn_implementation": args.attn_implementation,
+        "threads": args.threads,
+        "calibration_batches": args.calibration_batches,
+        "seed": args.seed,
+    }
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="sparselora bench",
@@ -806,21 +846,7 @@ def build_parser() -> argparse.ArgumentParser:
         choices=PADDING_MODES,
         help="none, left (left-pad to L) or both (default)",
     )
-    parser.add_argument("--batch-size", type=int, default=defaults.batch_size)
-    parser.add_argument("--warmup", type=int, default=defaults.warmup_steps, help="per method")
-    parser.add_argument("--steps", type=int, default=defaults.steps, help="timed, per method")
-    parser.add_argument("--lora-rank", type=int, default=defaults.lora_rank)
-    parser.add_argument("--lora-alpha", type=int, default=defaults.lora_alpha)
-    parser.add_argument(
-        "--lora-targets", default=",".join(defaults.lora_targets), help="comma-separated"
-    )
-    parser.add_argument("--learning-rate", type=float, default=defaults.learning_rate)
-    parser.add_argument("--dtype", choices=DTYPES, default=defaults.dtype)
-    parser.add_argument("--device", choices=DEVICES, default=defaults.device)
-    parser.add_argument("--attn-implementation", default=defaults.attn_implementation)
-    parser.add_argument("--threads", type=int, help="torch CPU threads")
-    parser.add_argument("--calibration-batches", type=int, default=defaults.calibration_batches)
-    parser.add_argument("--seed", type=int, default=defaults.seed)
+    add_step_arguments(parser, defaults, "method")
     parser.add_argument("--output-dir", default=defaults.output_dir)
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     return parser
@@ -842,19 +868,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             estimator=args.estimator,
             shapes=args.shapes,
             padding=list(dict.fromkeys(args.padding)),
-            batch_size=args.batch_size,
-            warmup_steps=args.warmup,
-            steps=args.steps,
-            lora_rank=args.lora_rank,
-            lora_alpha=args.lora_alpha,
-            lora_targets=[t.strip() for t in args.lora_targets.split(",") if t.strip()],
-            learning_rate=args.learning_rate,
-            dtype=args.dtype,
-            device=args.device,
-            attn_implementation=args.attn_implementation,
-            threads=args.threads,
-            calibration_batches=args.calibration_batches,
-            seed=args.seed,
+            **step_fields(args),
             output_dir=args.output_dir,
         )
         config.sparse_config()  # a bad preset or file fails before the model loads

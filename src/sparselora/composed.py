@@ -67,18 +67,18 @@ from tqdm import tqdm
 
 from sparselora.apply import SparseLoRA, apply_sparselora
 from sparselora.bench import (
-    DEVICES,
-    DTYPES,
     EMBEDDED_MODEL,
     METHODS,
     TASK_SHAPES,
     BenchConfig,
     BenchShape,
+    add_step_arguments,
     hardware_header,
     llama_config,
     parse_shape,
     run_benchmark,
     spread,
+    step_fields,
     sync_device,
     synthetic_batch,
 )
@@ -809,21 +809,7 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="SHAPE",
         help=f"{', '.join(TASK_SHAPES)} or L,out (default: math)",
     )
-    parser.add_argument("--batch-size", type=int, default=defaults.batch_size)
-    parser.add_argument("--warmup", type=int, default=defaults.warmup_steps, help="per part")
-    parser.add_argument("--steps", type=int, default=defaults.steps, help="timed, per part")
-    parser.add_argument("--lora-rank", type=int, default=defaults.lora_rank)
-    parser.add_argument("--lora-alpha", type=int, default=defaults.lora_alpha)
-    parser.add_argument(
-        "--lora-targets", default=",".join(defaults.lora_targets), help="comma-separated"
-    )
-    parser.add_argument("--learning-rate", type=float, default=defaults.learning_rate)
-    parser.add_argument("--dtype", choices=DTYPES, default=defaults.dtype)
-    parser.add_argument("--device", choices=DEVICES, default=defaults.device)
-    parser.add_argument("--attn-implementation", default=defaults.attn_implementation)
-    parser.add_argument("--threads", type=int, help="torch CPU threads")
-    parser.add_argument("--calibration-batches", type=int, default=defaults.calibration_batches)
-    parser.add_argument("--seed", type=int, default=defaults.seed)
+    add_step_arguments(parser, defaults, "part")
     parser.add_argument(
         "--validate", action="store_true", help="also time whole-model steps (model must fit)"
     )
@@ -846,19 +832,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             sparselora=args.sparselora or DEFAULT_PRESET,
             estimator=None if args.estimator == "config" else args.estimator,
             shapes=args.shapes,
-            batch_size=args.batch_size,
-            warmup_steps=args.warmup,
-            steps=args.steps,
-            lora_rank=args.lora_rank,
-            lora_alpha=args.lora_alpha,
-            lora_targets=[t.strip() for t in args.lora_targets.split(",") if t.strip()],
-            learning_rate=args.learning_rate,
-            dtype=args.dtype,
-            device=args.device,
-            attn_implementation=args.attn_implementation,
-            threads=args.threads,
-            calibration_batches=args.calibration_batches,
-            seed=args.seed,
+            **step_fields(args),
             validate=args.validate,
             output_dir=args.output_dir,
         )
