@@ -139,3 +139,13 @@ def test_calibration_batches_with_no_sparse_layer_are_not_an_error():
         model, SparseLoRAConfig(**NO_SPARSITY), calibration=[make_batch()], use_cache=False
     )
     assert handle.ready and handle.estimator is None
+
+
+def test_labelled_logits_can_be_switched_off_on_a_live_handle():
+    model = lora_model(tiny_llama(kv_heads=2), ATTN)
+    batch = make_batch()
+    handle = apply_sparselora(model, SparseLoRAConfig(**NO_SPARSITY), use_cache=False)
+    read = int(output_positions(batch["labels"]).sum())
+    assert model(**batch).logits.shape[0] == read
+    handle.config.labelled_logits = False
+    assert model(**batch).logits.shape == (*batch["input_ids"].shape, 97)

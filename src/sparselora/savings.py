@@ -134,6 +134,7 @@ class LabelledLogits:
         labels = arguments.get("labels")
         if (
             labels is None
+            or not self.handle.config.labelled_logits
             or not self.handle.exact_savings_active(self.model.training)
             or any(k not in _HANDLED and _requested(k, v) for k, v in arguments.items())
             or arguments.get("use_cache")
