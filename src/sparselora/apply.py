@@ -221,8 +221,8 @@ class SparseLoRA:
             self._batch = None
             return
         extra = bound.get("kwargs", {})
-        reads_everything = any(
-            bound.get(name, extra.get(name)) for name in ("output_hidden_states",)
+        reads_everything = bool(
+            bound.get("output_hidden_states") or extra.get("output_hidden_states")
         )
         self._batch = self._batch_state(
             tuple(reference.shape[:2]),

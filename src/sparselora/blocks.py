@@ -228,7 +228,9 @@ class SparseBlock:
                 m.num_heads * m.head_dim,
                 m.num_kv_heads * m.head_dim,
             )
-            removed = 2 * (q_width - len(chosen["q_proj"])) + 2 * (kv_width - len(chosen["v_proj"]))
+            removed = 2 * (kv_width - len(chosen["v_proj"]))  # k rows and v rows
+            if not (self.last and batch.unread is not None):  # else q and o skip these rows
+                removed += 2 * (q_width - len(chosen["q_proj"]))  # q rows and o columns
             self._record(
                 start, "attn_kept", len(chosen["k_proj"]) / kv_width, batch, hidden * removed
             )

@@ -349,8 +349,6 @@ def step_flops(
             n_sparse, n_dense = sparse_tokens, tokens - sparse_tokens
             if last and proj in SKIPPED_LAST:
                 n_sparse, n_dense = last_sparse, last_dense
-            if layer not in (ffn if proj in MLP_PROJECTIONS else attn):
-                n_sparse, n_dense = 0, n_sparse + n_dense
             sparse = _matmul(n_sparse, k_in, k_out)
             forward = _matmul(n_dense, d_in, d_out) + sparse
             input_grad = grad_to_embeddings or position + STAGE[proj] > first_adapted
