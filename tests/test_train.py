@@ -13,7 +13,7 @@ from sparselora.assets import load_smollm2
 from sparselora.commands import evaluate_run, export_merged
 from sparselora.config import ConfigError
 from sparselora.recipe import RunConfig
-from sparselora.train import last_complete_checkpoint, train
+from sparselora.train import last_complete_checkpoint, peak_memory_mb, reset_peak_memory, train
 
 
 @pytest.fixture(scope="module")
@@ -70,6 +70,7 @@ def test_train_writes_a_complete_run_folder(tiny_dir, data_file, tmp_path):
     summary = train(run_config(tiny_dir, data_file, out, max_steps=4, save_steps=2))
     assert summary["steps"] == 4 and summary["method"] == "sparselora"
     assert summary["flops_saved"] > 0 and summary["eval_loss"] > 0
+    assert summary["peak_memory_mb"] > 0 and summary["peak_memory_scope"] in ("training", "process")
     assert [p["step"] for p in summary["train_loss_curve"]] == [1, 2, 3, 4]
     for name in ("run.yaml", "summary.json", "loss.png", "adapter/adapter_config.json",
                  "adapter/sparselora.yaml", "adapter/estimator.json"):  # fmt: skip
@@ -152,3 +153,15 @@ def test_run_config_errors_name_the_field(overrides, field):
 def test_missing_config_file_is_a_clear_error(tmp_path):
     with pytest.raises(ConfigError, match="does not exist"):
         RunConfig.load(tmp_path / "nope.yaml")
+
+
+def test_peak_memory_reset_forgets_what_ran_before():
+    """The summary's peak covers training only: a large allocation freed before the reset
+    (model loading, in a run) must not count."""
+    block = torch.ones(100 * 2**20)  # 400 MiB, touched
+    del block
+    before = peak_memory_mb()
+    if not reset_peak_memory():
+        pytest.skip("this platform cannot reset the process's peak memory")
+    after = peak_memory_mb()
+    assert before - after > 300, (before, after)

@@ -52,7 +52,7 @@ def comparison_table(rows: dict[str, dict]) -> str:
         ("median step time (s)", "median_step_seconds", ".2f", "lora/sparse"),
         ("tokens / s", "tokens_per_second", ".0f", "sparse/lora"),
         ("training TFLOPs", "train_flops", ".2f", "lora/sparse"),
-        ("peak memory (MiB)", "peak_memory_mb", ".0f", "sparse/lora"),
+        ("peak training memory (MiB)", "peak_memory_mb", ".0f", "sparse/lora"),
         ("held-out loss", "eval_loss", ".4f", "sparse/lora"),
         ("held-out accuracy", "accuracy", ".3f", ""),
     ]

@@ -8,7 +8,7 @@ run folder:
     RUN_DIR/checkpoint-N/          Trainer checkpoints; complete once `sparselora_complete.json` exists
     RUN_DIR/adapter/               the final adapter in plain PEFT format, plus sparselora.yaml
                                    and estimator.json (kind, rank, fingerprint) beside it
-    RUN_DIR/summary.json           step time, tokens/s, FLOPs, peak memory, losses
+    RUN_DIR/summary.json           step time, tokens/s, FLOPs, peak memory of training, losses
     RUN_DIR/loss.png               training loss against step and against time
     RUN_DIR/runs/                  TensorBoard logs
 """
@@ -192,9 +192,30 @@ class RecipeTrainer(Trainer):
         super().log(logs, *args, **kwargs)
 
 
-def _peak_memory_mb() -> float:
+def reset_peak_memory() -> bool:
+    """Start a fresh peak: CUDA's allocator counter, or on Linux the process's peak RSS (VmHWM,
+    reset through /proc/self/clear_refs). False where the peak cannot be reset, so that
+    `peak_memory_mb` then also covers what ran before (model loading)."""
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+        return True
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+        return True
+    except OSError:
+        return False
+
+
+def peak_memory_mb() -> float:
+    """CUDA: peak allocated MiB; CPU: peak resident set size (Linux VmHWM, else ru_maxrss)."""
     if torch.cuda.is_available():
         return torch.cuda.max_memory_allocated() / 2**20
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
     peak_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return peak_kb / 1024 if sys.platform != "darwin" else peak_kb / 2**20
 
@@ -284,6 +305,7 @@ def train(config: RunConfig, callbacks: list[TrainerCallback] | None = None) -> 
     if resume is not None:
         logger.info("resuming from %s", resume)
         recorder.elapsed_before_resume = _previous_wall_seconds(resume)
+    peak_from_training = reset_peak_memory()
     start = time.perf_counter()
     try:
         trainer.train(resume_from_checkpoint=str(resume) if resume else None)
@@ -292,6 +314,7 @@ def train(config: RunConfig, callbacks: list[TrainerCallback] | None = None) -> 
         logger.warning("interrupted; the last complete checkpoint is %s", last or "none")
         raise
     train_seconds = time.perf_counter() - start
+    peak_mb = peak_memory_mb()  # before the final evaluation's full-vocabulary logits
     trainer.save_state()  # RUN_DIR/trainer_state.json: the whole log history, evals included
 
     adapter_dir = run_dir / "adapter"
@@ -332,7 +355,8 @@ def train(config: RunConfig, callbacks: list[TrainerCallback] | None = None) -> 
         "train_seconds": train_seconds,
         "median_step_seconds": statistics.median(step_times) if step_times else None,
         "tokens_per_second": _tokens_per_second(trainer, step_times, tokens, len(train_examples)),
-        "peak_memory_mb": _peak_memory_mb(),
+        "peak_memory_mb": peak_mb,
+        "peak_memory_scope": "training" if peak_from_training else "process",
         "eval_loss": eval_loss,
         "train_loss_curve": [
             {"step": r["step"], "loss": r["loss"], "wall_seconds": r.get("wall_seconds")}
