@@ -54,6 +54,7 @@ from tqdm import tqdm
 
 from sparselora import __version__
 from sparselora.apply import SparseLoRA, apply_sparselora
+from sparselora.cli import configure_logging
 from sparselora.config import IGNORE_INDEX, ConfigError, SparseLoRAConfig
 from sparselora.flops import STAGE, TASK_SHAPES, ModelShape, load_shape, step_flops
 from sparselora.presets import get_preset
@@ -776,9 +777,25 @@ def write_results(results: Mapping[str, Any], output_dir: str | Path) -> dict[st
 # -- command line -------------------------------------------------------------------------
 
 
-def add_step_arguments(parser: argparse.ArgumentParser, defaults: BenchConfig, unit: str) -> None:
-    """The options `sparselora bench` and `sparselora composed` share: batch, repeats, LoRA,
-    device and seed. `unit` names what warm-up and timed steps are counted per."""
+def add_shared_arguments(parser: argparse.ArgumentParser, defaults: BenchConfig, unit: str) -> None:
+    """The options `sparselora bench` and `sparselora composed` share: sparsity (preset or
+    file), shapes, batch, repeats, LoRA, device, seed, output folder and verbosity. `unit`
+    names what warm-up and timed steps are counted per."""
+    what = parser.add_mutually_exclusive_group()
+    what.add_argument(
+        "--preset",
+        dest="sparselora",
+        metavar="NAME",
+        help=f"preset (default {defaults.sparselora})",
+    )
+    what.add_argument("--config", dest="sparselora", metavar="FILE", help="SparseLoRA YAML/JSON")
+    parser.add_argument(
+        "--shapes",
+        nargs="+",
+        default=defaults.shapes,
+        metavar="SHAPE",
+        help=f"{', '.join(TASK_SHAPES)} or L,out (default: math)",
+    )
     parser.add_argument("--batch-size", type=int, default=defaults.batch_size)
     parser.add_argument("--warmup", type=int, default=defaults.warmup_steps, help=f"per {unit}")
     parser.add_argument("--steps", type=int, default=defaults.steps, help=f"timed, per {unit}")
@@ -794,10 +811,12 @@ def add_step_arguments(parser: argparse.ArgumentParser, defaults: BenchConfig, u
     parser.add_argument("--threads", type=int, help="torch CPU threads")
     parser.add_argument("--calibration-batches", type=int, default=defaults.calibration_batches)
     parser.add_argument("--seed", type=int, default=defaults.seed)
+    parser.add_argument("--output-dir", default=defaults.output_dir)
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
 
 
 def step_fields(args: argparse.Namespace) -> dict[str, Any]:
-    """The config fields of the options `add_step_arguments` defines."""
+    """The config fields of the step options `add_shared_arguments` defines."""
     return {
         "batch_size": args.batch_size,
         "warmup_steps": args.warmup,
@@ -822,23 +841,11 @@ def build_parser() -> argparse.ArgumentParser:
         "and batches (METHOD.md section 6).",
     )
     defaults = BenchConfig()
-    what = parser.add_mutually_exclusive_group()
-    what.add_argument(
-        "--preset", dest="sparselora", metavar="NAME", help=f"preset (default {DEFAULT_PRESET})"
-    )
-    what.add_argument("--config", dest="sparselora", metavar="FILE", help="SparseLoRA YAML/JSON")
     parser.add_argument("--model", default=defaults.model, help="embedded name, hub id or dir")
     parser.add_argument(
         "--random-weights", action="store_true", help="random weights from the model's config"
     )
     parser.add_argument("--estimator", choices=["svd", "whitened_svd"], help="override kind")
-    parser.add_argument(
-        "--shapes",
-        nargs="+",
-        default=defaults.shapes,
-        metavar="SHAPE",
-        help=f"{', '.join(TASK_SHAPES)} or L,out (default: math)",
-    )
     parser.add_argument(
         "--padding",
         nargs="+",
@@ -846,9 +853,7 @@ def build_parser() -> argparse.ArgumentParser:
         choices=PADDING_MODES,
         help="none, left (left-pad to L) or both (default)",
     )
-    add_step_arguments(parser, defaults, "method")
-    parser.add_argument("--output-dir", default=defaults.output_dir)
-    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    add_shared_arguments(parser, defaults, "method")
     return parser
 
 
@@ -856,10 +861,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """`sparselora bench`: run, print the markdown table, write JSON/CSV/markdown/PNG."""
     parser = build_parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.INFO,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
+    configure_logging(args.verbose)
     try:
         config = BenchConfig(
             model=args.model,

@@ -15,6 +15,14 @@ from sparselora.config import ConfigError
 EPILOG = "Run `sparselora COMMAND --help` for the options of each command."
 
 
+def configure_logging(verbose: bool) -> None:
+    """The format and level every `sparselora` subcommand logs with."""
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+
+
 def _cmd_train(args: argparse.Namespace) -> int:
     from sparselora.recipe import RunConfig
     from sparselora.train import train
@@ -191,10 +199,7 @@ def main(argv: list[str] | None = None) -> int:
         extra = [item for item in extra if "=" not in item or item.startswith("-")]
     if extra:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
-    logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.INFO,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
+    configure_logging(args.verbose)
     try:
         return args.func(args)
     except ConfigError as err:

@@ -69,10 +69,9 @@ from sparselora.apply import SparseLoRA, apply_sparselora
 from sparselora.bench import (
     EMBEDDED_MODEL,
     METHODS,
-    TASK_SHAPES,
     BenchConfig,
     BenchShape,
-    add_step_arguments,
+    add_shared_arguments,
     hardware_header,
     llama_config,
     parse_shape,
@@ -82,6 +81,7 @@ from sparselora.bench import (
     sync_device,
     synthetic_batch,
 )
+from sparselora.cli import configure_logging
 from sparselora.config import ConfigError, SparseLoRAConfig
 from sparselora.flops import ModelShape, load_shape, step_flops
 from sparselora.savings import labelled_loss
@@ -788,11 +788,6 @@ def build_parser() -> argparse.ArgumentParser:
         "large to run whole: one layer per kind, LM head, optimizer, timed and summed.",
     )
     defaults = ComposedConfig()
-    what = parser.add_mutually_exclusive_group()
-    what.add_argument(
-        "--preset", dest="sparselora", metavar="NAME", help=f"preset (default {DEFAULT_PRESET})"
-    )
-    what.add_argument("--config", dest="sparselora", metavar="FILE", help="SparseLoRA YAML/JSON")
     parser.add_argument(
         "--model", default=defaults.model, help="shape: alias, hub id of a paper model, or dir"
     )
@@ -803,18 +798,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="estimator kind (default svd; 'config': the config's own)",
     )
     parser.add_argument(
-        "--shapes",
-        nargs="+",
-        default=defaults.shapes,
-        metavar="SHAPE",
-        help=f"{', '.join(TASK_SHAPES)} or L,out (default: math)",
-    )
-    add_step_arguments(parser, defaults, "part")
-    parser.add_argument(
         "--validate", action="store_true", help="also time whole-model steps (model must fit)"
     )
-    parser.add_argument("--output-dir", default=defaults.output_dir)
-    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    add_shared_arguments(parser, defaults, "part")
     return parser
 
 
@@ -822,10 +808,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run, print the markdown tables, write JSON/CSV/markdown."""
     parser = build_parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.INFO,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
+    configure_logging(args.verbose)
     try:
         config = ComposedConfig(
             model=args.model,
