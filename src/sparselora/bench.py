@@ -565,6 +565,43 @@ def hardware_header(config: BenchConfig, device: torch.device, dtype: torch.dtyp
     }
 
 
+def add_lora_and_sparselora(
+    model: nn.Module,
+    config: BenchConfig,
+    sparse_config: SparseLoRAConfig,
+    vocab_size: int,
+    shape: BenchShape,
+    device: torch.device,
+) -> tuple[nn.Module, SparseLoRA, float]:
+    """PEFT LoRA from `config` (rank, alpha, targets; seeded), then SparseLoRA over it, its
+    whitened estimator calibrated on synthetic batches of `shape`. Returns the PEFT model, the
+    handle and the seconds SparseLoRA's setup took (estimator included)."""
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(config.seed)
+    peft_model = get_peft_model(
+        model,
+        LoraConfig(
+            r=config.lora_rank,
+            lora_alpha=config.lora_alpha,
+            lora_dropout=0.0,
+            target_modules=config.lora_targets,
+            task_type="CAUSAL_LM",
+        ),
+    )
+    calibration = None
+    if sparse_config.estimator == "whitened_svd":
+        calibration = [
+            synthetic_batch(
+                vocab_size, config.batch_size, shape, "none", config.seed + 1 + i, device
+            )
+            for i in range(config.calibration_batches)
+        ]
+    start = time.perf_counter()
+    handle = apply_sparselora(peft_model, sparse_config, calibration=calibration, use_cache=False)
+    return peft_model, handle, time.perf_counter() - start
+
+
 def run_benchmark(config: BenchConfig, progress: bool = False) -> dict[str, Any]:
     """Measure every (shape, padding) row; returns {"header": ..., "rows": [...]}.
 
@@ -581,8 +618,6 @@ def run_benchmark(config: BenchConfig, progress: bool = False) -> dict[str, Any]
 
 
 def _run_benchmark(config: BenchConfig, progress: bool) -> dict[str, Any]:
-    from peft import LoraConfig, get_peft_model
-
     device = config.torch_device()
     dtype = config.torch_dtype(device)
     sparse_config = config.sparse_config()
@@ -590,33 +625,9 @@ def _run_benchmark(config: BenchConfig, progress: bool) -> dict[str, Any]:
 
     model = load_bench_model(config, device, dtype)
     model_shape = ModelShape.from_config(model.config)
-    torch.manual_seed(config.seed)
-    model = get_peft_model(
-        model,
-        LoraConfig(
-            r=config.lora_rank,
-            lora_alpha=config.lora_alpha,
-            lora_dropout=0.0,
-            target_modules=config.lora_targets,
-            task_type="CAUSAL_LM",
-        ),
+    model, handle, setup_seconds = add_lora_and_sparselora(
+        model, config, sparse_config, model_shape.vocab_size, shapes[0], device
     )
-    calibration = None
-    if sparse_config.estimator == "whitened_svd":
-        calibration = [
-            synthetic_batch(
-                model_shape.vocab_size,
-                config.batch_size,
-                shapes[0],
-                "none",
-                config.seed + 1 + i,
-                device,
-            )
-            for i in range(config.calibration_batches)
-        ]
-    start = time.perf_counter()
-    handle = apply_sparselora(model, sparse_config, calibration=calibration, use_cache=False)
-    setup_seconds = time.perf_counter() - start
     runner = StepRunner(model, handle, config.learning_rate, device)
     try:
         rows = [

@@ -65,12 +65,13 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from sparselora.apply import SparseLoRA, apply_sparselora
+from sparselora.apply import SparseLoRA
 from sparselora.bench import (
     EMBEDDED_MODEL,
     METHODS,
     BenchConfig,
     BenchShape,
+    add_lora_and_sparselora,
     add_shared_arguments,
     hardware_header,
     llama_config,
@@ -275,7 +276,6 @@ class PartsModel:
         device: torch.device,
         dtype: torch.dtype,
     ) -> None:
-        from peft import LoraConfig, get_peft_model
         from transformers import AutoModelForCausalLM
 
         self.config, self.model_shape, self.device = config, model_shape, device
@@ -287,38 +287,14 @@ class PartsModel:
                 llama_config(shape), dtype=dtype, attn_implementation=config.attn_implementation
             )
         self.model = model.to(device).train()  # the LlamaForCausalLM inside the PEFT wrapper
-        torch.manual_seed(config.seed)
-        peft_model = get_peft_model(
+        _, self.handle, self.setup_seconds = add_lora_and_sparselora(
             self.model,
-            LoraConfig(
-                r=config.lora_rank,
-                lora_alpha=config.lora_alpha,
-                lora_dropout=0.0,
-                target_modules=config.lora_targets,
-                task_type="CAUSAL_LM",
-            ),
-        )
-        calibration = None
-        if sparse_config.estimator == "whitened_svd":
-            calibration = [
-                synthetic_batch(
-                    shape.vocab_size,
-                    config.batch_size,
-                    parse_shape(config.shapes[0]),
-                    "none",
-                    config.seed + 1 + i,
-                    device,
-                )
-                for i in range(config.calibration_batches)
-            ]
-        start = time.perf_counter()
-        self.handle: SparseLoRA = apply_sparselora(
-            peft_model,
+            config,
             parts_config(sparse_config, list(self.kinds)),
-            calibration=calibration,
-            use_cache=False,
+            shape.vocab_size,
+            parse_shape(config.shapes[0]),
+            device,
         )
-        self.setup_seconds = time.perf_counter() - start
 
     def lora_parameter_shapes(self) -> list[tuple[torch.Size, torch.dtype]]:
         """Shapes and dtypes of the FULL model's trainable parameters: every decoder layer's
