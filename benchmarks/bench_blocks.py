@@ -39,7 +39,7 @@ from peft import LoraConfig, get_peft_model
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from sparselora import Estimator, SparseLoRAConfig, apply_sparselora
-from sparselora.lora import base_linear
+from sparselora.engine.peft_compat import base_linear
 
 SHAPES = {
     "smollm2": dict(

@@ -1,5 +1,5 @@
 """The sliced frozen FFN (gate/up rows, down columns), forward + input-gradient backward:
-`sparselora.ops` (SlicedLinear: gathers into a reused scratch buffer, saves only indices)
+`sparselora.engine.ops` (SlicedLinear: gathers into a reused scratch buffer, saves only indices)
 against the plain autograd form (fresh `index_select` copies, kept alive for backward).
 
 Interleaved A/B repeats, medians; also the bytes autograd saves for backward in one forward.
@@ -16,7 +16,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from sparselora import ops
+from sparselora.engine import ops
 
 
 def plain_rows(x, w, rows):

@@ -42,9 +42,8 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
-from sparselora.assets import gsm8k_split, load_smollm2
-from sparselora.estimator import svd_factors, whitened_svd_factors
-from sparselora.selection import (
+from sparselora.engine.estimator import svd_factors, whitened_svd_factors
+from sparselora.engine.selection import (
     ffn_scores,
     kv_to_query_channels,
     num_kept,
@@ -53,6 +52,7 @@ from sparselora.selection import (
     top_k_sorted,
     v_kv_scores,
 )
+from sparselora.recipes.assets import gsm8k_split, load_smollm2
 
 KINDS = ("svd", "whitened_svd")
 FFN_CRITERIA = ("seq_mean", "per_token")

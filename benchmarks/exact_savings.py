@@ -15,7 +15,7 @@ import tempfile
 from pathlib import Path
 
 from sparselora import SparseLoRAConfig
-from sparselora.bench import BenchConfig, run_benchmark
+from sparselora.perf.bench import BenchConfig, run_benchmark
 
 VARIANTS = {
     "none (wrapping only)": (False, False),

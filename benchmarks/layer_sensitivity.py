@@ -17,8 +17,8 @@ from pathlib import Path
 import torch
 
 from sparselora import SparseLoRAConfig, apply_sparselora
-from sparselora.assets import load_smollm2
-from sparselora.data import Collator, load_records, tokenize_records
+from sparselora.recipes.assets import load_smollm2
+from sparselora.recipes.data import Collator, load_records, tokenize_records
 
 
 def batches_of(examples, collator, size):

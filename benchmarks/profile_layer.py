@@ -15,8 +15,8 @@ import contextlib
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from sparselora.bench import parse_shape
-from sparselora.composed import ComposedConfig, PartsModel
+from sparselora.perf.bench import parse_shape
+from sparselora.perf.composed import ComposedConfig, PartsModel
 
 
 def main() -> None:

@@ -21,7 +21,13 @@ from peft import LoraConfig, get_peft_model
 from torch.profiler import ProfilerActivity, profile
 
 from sparselora import apply_sparselora, get_preset
-from sparselora.bench import BenchConfig, StepRunner, load_bench_model, parse_shape, synthetic_batch
+from sparselora.perf.bench import (
+    BenchConfig,
+    StepRunner,
+    load_bench_model,
+    parse_shape,
+    synthetic_batch,
+)
 
 GROUPS = {
     "matmul": ("aten::mm", "aten::addmm", "aten::bmm", "aten::matmul", "aten::linear"),

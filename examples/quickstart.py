@@ -16,7 +16,7 @@ import torch
 from peft import LoraConfig, get_peft_model
 
 from sparselora import SparseLoRAConfig, apply_sparselora
-from sparselora.assets import gsm8k_split, load_smollm2
+from sparselora.recipes.assets import gsm8k_split, load_smollm2
 
 
 def encode(tokenizer, example: dict, max_length: int) -> tuple[list[int], list[int]]:

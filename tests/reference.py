@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from sparselora.lora import base_linear
+from sparselora.engine.peft_compat import base_linear
 
 
 def _mask(width: int, keep: torch.Tensor, sparse_tokens: torch.Tensor) -> torch.Tensor:

@@ -2,11 +2,15 @@
 
 __version__ = "0.1.0"
 
-from sparselora.apply import SparseLoRA, apply_sparselora  # noqa: E402
-from sparselora.config import ConfigError, SparseLoRAConfig  # noqa: E402
-from sparselora.estimator import Estimator, EstimatorCache, EstimatorMismatchError  # noqa: E402
-from sparselora.presets import PRESETS, get_preset  # noqa: E402
-from sparselora.schedule import SparseLoRACallback, SparseSchedule  # noqa: E402
+from sparselora.config import (  # noqa: E402
+    ConfigError,
+    SparseLoRAConfig,
+    get_preset,  # noqa: E402
+)
+from sparselora.engine.estimator import Estimator, EstimatorCache, EstimatorMismatchError  # noqa: E402
+from sparselora.engine.handle import SparseLoRA, apply_sparselora  # noqa: E402
+from sparselora.engine.schedule import SparseLoRACallback, SparseSchedule  # noqa: E402
+from sparselora.presets import PRESETS  # noqa: E402
 
 __all__ = [
     "ConfigError",

@@ -15,6 +15,8 @@ from typing import Any
 
 import yaml
 
+from sparselora.presets import PAPER_ESTIMATOR, PAPER_SUFFIX, PRESETS
+
 ESTIMATOR_KINDS = ("svd", "whitened_svd")
 FFN_CRITERIA = ("seq_mean", "per_token", "oracle", "random")
 ATTN_CRITERIA = ("norm", "oracle", "random")
@@ -297,8 +299,6 @@ class SparseLoRAConfig:
             )
         preset = data.get("preset")
         if preset is not None:
-            from sparselora.presets import get_preset
-
             base = dataclasses.asdict(get_preset(preset))
             base.update(data)
             data = base
@@ -350,3 +350,20 @@ def check_choice(name: str, value: Any, allowed: tuple[str, ...]) -> None:
 def _check_int(name: str, value: Any, minimum: int) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
         raise ConfigError(f"{name} must be an integer >= {minimum}, got {value!r}")
+
+
+def get_preset(name: str) -> SparseLoRAConfig:
+    """The SparseLoRAConfig of preset `name` (":paper" suffix: the paper's estimator settings).
+
+    A ConfigError lists the known names.
+    """
+    base, paper = (
+        (name[: -len(PAPER_SUFFIX)], True) if name.endswith(PAPER_SUFFIX) else (name, False)
+    )
+    if base not in PRESETS:
+        raise ConfigError(
+            f"unknown preset {name!r}; available: {sorted(PRESETS)} (each also with '{PAPER_SUFFIX}')"
+        )
+    preset = PRESETS[base]
+    fields = {**preset.fields, **(PAPER_ESTIMATOR if paper else {})}
+    return SparseLoRAConfig(preset=name, **fields)

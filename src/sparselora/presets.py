@@ -1,4 +1,5 @@
-"""Named SparseLoRA presets: the paper's released configurations (METHOD.md section 4).
+"""Named SparseLoRA presets, as data: the paper's released configurations (docs/METHOD.md,
+"Presets") and ours, measured on the embedded model.
 
 Layer indices are 0-based; values are the fraction of channels removed. A preset sets which
 layers are sparse and how much; the estimator settings are the library defaults (whitened SVD,
@@ -11,8 +12,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import Any
-
-from sparselora.config import ConfigError, SparseLoRAConfig
 
 A_SET = "17-19,21-23,25-29"
 A14_SET = "14-19,21-23,25-29"
@@ -105,20 +104,3 @@ PRESETS: dict[str, Preset] = {
         ),
     )
 }  # fmt: skip
-
-
-def get_preset(name: str) -> SparseLoRAConfig:
-    """The SparseLoRAConfig of preset `name` (":paper" suffix: the paper's estimator settings).
-
-    A ConfigError lists the known names.
-    """
-    base, paper = (
-        (name[: -len(PAPER_SUFFIX)], True) if name.endswith(PAPER_SUFFIX) else (name, False)
-    )
-    if base not in PRESETS:
-        raise ConfigError(
-            f"unknown preset {name!r}; available: {sorted(PRESETS)} (each also with '{PAPER_SUFFIX}')"
-        )
-    preset = PRESETS[base]
-    fields = {**preset.fields, **(PAPER_ESTIMATOR if paper else {})}
-    return SparseLoRAConfig(preset=name, **fields)

