@@ -1,7 +1,8 @@
 """How well do the SVD estimators pick the channels the true activations would pick?
 
-Rebuilds METHOD.md section 9 with the library's own estimator and scoring code, on the embedded
-SmolLM2-135M-Instruct (fp32, eval) and GSM8K "question + answer" texts:
+Rebuilds the first measurement (docs/METHOD.md, section 2.4 'The first measurement') with the
+library's own estimator and scoring code, on the embedded SmolLM2-135M-Instruct (fp32, eval) and
+GSM8K "question + answer" texts:
 
 1. Calibration: forward `--calib` sequences through the dense model and accumulate, per layer,
    C = mean over tokens of x^T x for the attention input (input of q_proj) and the FFN input

@@ -1,7 +1,5 @@
 """SparseLoRA: faster LoRA fine-tuning through contextual sparsity on the frozen main branch."""
 
-__version__ = "0.1.0"
-
 from sparselora.config import (  # noqa: E402
     ConfigError,
     SparseLoRAConfig,
@@ -11,6 +9,7 @@ from sparselora.engine.estimator import Estimator, EstimatorCache, EstimatorMism
 from sparselora.engine.handle import SparseLoRA, apply_sparselora  # noqa: E402
 from sparselora.engine.schedule import SparseLoRACallback, SparseSchedule  # noqa: E402
 from sparselora.presets import PRESETS  # noqa: E402
+from sparselora.version import __version__  # noqa: F401
 
 __all__ = [
     "ConfigError",

@@ -113,7 +113,12 @@ def resolve_layers(name: str, sparsity: dict[str, float], num_layers: int) -> di
     return {i: s for i, s in sorted(per_layer.items()) if s > 0.0}
 
 
-def _help(text: str) -> dict[str, str]:
+def doc(text: str) -> dict[str, str]:
+    """Field metadata holding the field's help text.
+
+    Every config dataclass of the project documents its fields this way, and this text is the
+    only copy: `sparselora ... --help` and docs/CONFIG.md are generated from it.
+    """
     return {"help": text}
 
 
@@ -123,30 +128,30 @@ class SparseLoRAConfig:
 
     ffn_sparsity: dict[str, float] = field(
         default_factory=dict,
-        metadata=_help(
+        metadata=doc(
             "Fraction of FFN (gate/up/down) channels removed, per layer: a number for every "
             "layer, or a mapping such as {'13-29': 0.9, 31: 0.5} (0-based, inclusive ranges)."
         ),
     )
     attn_sparsity: dict[str, float] = field(
         default_factory=dict,
-        metadata=_help(
+        metadata=doc(
             "Fraction of attention projection channels removed (Q/K channels, V/O channels), "
             "per layer; same format as ffn_sparsity."
         ),
     )
     estimator: str = field(
         default="whitened_svd",
-        metadata=_help(
+        metadata=doc(
             "Sparsity estimator: 'svd' (the paper's: rank-r SVD of the weights alone) or "
             "'whitened_svd' (rank-r SVD fitted to the real input covariance, calibrated on "
             "the first training batches or on given calibration data)."
         ),
     )
-    estimator_rank: int = field(default=8, metadata=_help("Rank r of the estimator factors."))
+    estimator_rank: int = field(default=8, metadata=doc("Rank r of the estimator factors."))
     ffn_criterion: str = field(
         default="per_token",
-        metadata=_help(
+        metadata=doc(
             "FFN channel score: 'seq_mean' (the paper's: activations of each sequence's mean "
             "input, L2 over the batch), 'per_token' (L2 of the estimated activations over all "
             "real tokens), 'oracle' (true activations, dense; for ablations), 'random'."
@@ -154,14 +159,14 @@ class SparseLoRAConfig:
     )
     attn_criterion: str = field(
         default="norm",
-        metadata=_help(
+        metadata=doc(
             "Attention channel score: 'norm' (the paper's: ||Q_c||*||K_c|| for Q/K and ||V_c|| "
             "for V/O on estimated projections), 'oracle' (true projections), 'random'."
         ),
     )
     max_score_tokens: int | None = field(
         default=256,
-        metadata=_help(
+        metadata=doc(
             "Score channels on at most this many real tokens per micro-batch (evenly strided; "
             "null: all). Bounds the per-token estimator's cost on long batches and small "
             "models; the oracle criterion uses it too."
@@ -169,14 +174,14 @@ class SparseLoRAConfig:
     )
     exclude_padding: bool = field(
         default=True,
-        metadata=_help(
+        metadata=doc(
             "Score channels on real tokens only. False reproduces the reference, whose "
             "sequence mean includes padding tokens."
         ),
     )
     output_tokens: str = field(
         default="dense",
-        metadata=_help(
+        metadata=doc(
             "'dense': the positions whose logits enter the loss (those predicting a token "
             "with label != -100) run the full model; 'dense_labelled': the positions holding "
             "a labelled token run dense (the reference code's alignment, one position late); "
@@ -185,40 +190,40 @@ class SparseLoRAConfig:
     )
     sparse_without_labels: bool = field(
         default=False,
-        metadata=_help(
+        metadata=doc(
             "With no labels in the forward call (generation, custom losses), run sparse on "
             "every real token instead of dense."
         ),
     )
     sparse_in_eval: bool = field(
         default=False,
-        metadata=_help("Stay sparse when the model is in eval mode (default: eval is dense)."),
+        metadata=doc("Stay sparse when the model is in eval mode (default: eval is dense)."),
     )
     start_step: float = field(
         default=0.05,
-        metadata=_help("Fraction of optimizer steps run dense before sparsity starts."),
+        metadata=doc("Fraction of optimizer steps run dense before sparsity starts."),
     )
     end_step: float = field(
         default=1.0,
-        metadata=_help("Fraction of optimizer steps after which training returns to dense."),
+        metadata=doc("Fraction of optimizer steps after which training returns to dense."),
     )
     sparse_lora_branch: bool = field(
         default=False,
-        metadata=_help(
+        metadata=doc(
             "Also restrict the LoRA branches of gate/up/down to the kept FFN channels. "
             "Default False keeps LoRA dense, as in the paper."
         ),
     )
     detach_sparse_base: bool = field(
         default=False,
-        metadata=_help(
+        metadata=doc(
             "Cut the input gradient through the sparse frozen projections, reproducing the "
             "reference code's no_grad bug. For comparison only."
         ),
     )
     labelled_logits: bool = field(
         default=True,
-        metadata=_help(
+        metadata=doc(
             "Exact saving: in training forwards with labels, run the LM head and the loss only "
             "at the positions that predict a labelled token. Loss and gradients are unchanged; "
             "the returned logits are then those positions only, flattened to (N, vocab)."
@@ -226,7 +231,7 @@ class SparseLoRAConfig:
     )
     skip_unread_last_layer: bool = field(
         default=True,
-        metadata=_help(
+        metadata=doc(
             "Exact saving: in the last decoder layer, positions whose output no loss reads "
             "(context, padding) compute only their keys and values; their query, o_proj and "
             "FFN are skipped. Loss and gradients are unchanged."
@@ -234,19 +239,19 @@ class SparseLoRAConfig:
     )
     calibration_tokens: int = field(
         default=8192,
-        metadata=_help(
+        metadata=doc(
             "whitened_svd: number of real tokens whose input covariance fits the factors."
         ),
     )
     calibration_damping: float = field(
         default=1e-2,
-        metadata=_help(
+        metadata=doc(
             "whitened_svd: ridge added to the input covariance, relative to its mean diagonal."
         ),
     )
-    seed: int = field(default=0, metadata=_help("Seed of the 'random' criteria."))
+    seed: int = field(default=0, metadata=doc("Seed of the 'random' criteria."))
     preset: str | None = field(
-        default=None, metadata=_help("Name of the preset this config came from, if any.")
+        default=None, metadata=doc("Name of the preset this config came from, if any.")
     )
 
     def __post_init__(self) -> None:
@@ -342,9 +347,15 @@ class SparseLoRAConfig:
 
 
 def check_choice(name: str, value: Any, allowed: tuple[str, ...]) -> None:
-    """Raise one ConfigError naming the field and the allowed values."""
-    if value not in allowed:
-        raise ConfigError(f"{name} = {value!r} is not allowed; choose one of {list(allowed)}")
+    """Raise one ConfigError naming the field and the allowed values.
+
+    `value` is one value, or a list of values that must be non-empty and each allowed.
+    """
+    values = value if isinstance(value, list) else [value]
+    bad = [v for v in values if v not in allowed]
+    if bad or not values:
+        shown = value if not isinstance(value, list) or not values else bad
+        raise ConfigError(f"{name} = {shown!r} is not allowed; choose from {list(allowed)}")
 
 
 def _check_int(name: str, value: Any, minimum: int) -> None:

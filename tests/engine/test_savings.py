@@ -9,7 +9,7 @@ from conftest import ATTN, CHANNELS_ONLY, MLP, lora_model, make_batch, tiny_llam
 from reference import rel_err
 
 from sparselora import SparseLoRAConfig, apply_sparselora
-from sparselora.engine.savings import output_positions
+from sparselora.engine.state import output_positions
 
 EXACT = 1e-6
 NO_SPARSITY = {"ffn_sparsity": {}, "attn_sparsity": {}}

@@ -100,7 +100,7 @@ def test_whitened_estimator_error_not_above_plain_svd_on_heldout_inputs():
 
 
 def test_output_positions_alignment():
-    from sparselora.engine.handle import output_positions
+    from sparselora.engine.state import output_positions
 
     labels = torch.tensor([[-100, -100, 7, 8, -100], [-100, 5, -100, -100, -100]])
     shifted = output_positions(labels, "dense")

@@ -96,7 +96,7 @@ def _cmd_env(args: argparse.Namespace) -> int:
     import torch
     import transformers
 
-    from sparselora import __version__
+    from sparselora.version import __version__
 
     info = {
         "sparselora": __version__,

@@ -20,7 +20,6 @@ from __future__ import annotations
 import functools
 import time
 from collections.abc import Callable
-from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -28,9 +27,7 @@ import torch.nn.functional as F
 from sparselora.engine import ops, selection
 from sparselora.engine.models.base import BlockModules
 from sparselora.engine.peft_compat import active_lora_adapters, base_linear, is_merged, lora_delta
-
-if TYPE_CHECKING:
-    from sparselora.engine.handle import BatchState, SparseLoRA
+from sparselora.engine.state import BatchState, ForwardContext, TokenSplit
 
 ATTN_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj")
 SKIPPABLE = ("mlp", "q_proj", "o_proj")  # what the last layer skips for unread tokens
@@ -41,13 +38,14 @@ class SparseBlock:
 
     def __init__(
         self,
-        handle: SparseLoRA,
+        context: ForwardContext,
         modules: BlockModules,
         ffn_sparsity: float | None,
         attn_sparsity: float | None,
         last: bool = False,
     ) -> None:
-        self.handle = handle
+        self.context = context
+        self.config = context.config
         self.modules = modules
         self.index = modules.index
         self.ffn_sparsity = ffn_sparsity
@@ -94,8 +92,8 @@ class SparseBlock:
 
     def _mlp_forward(self, original: Callable, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         """x: (B, L, H) -> (B, L, H)."""
-        batch = self.handle.batch_for(x)
-        self.handle.observe(self.index, "mlp", x, batch)
+        batch = self.context.batch_for(x)
+        self.context.observe(self.index, "mlp", x, batch)
         split = self._split(batch, "mlp")
         if split is None or split.all_dense or self._merged("mlp"):
             return original(x, *args, **kwargs)
@@ -114,9 +112,9 @@ class SparseBlock:
         self, original: Callable, role: str, x: torch.Tensor, *args, **kwargs
     ) -> torch.Tensor:
         """x: (B, L, in) -> (B, L, out) for one of q/k/v/o."""
-        batch = self.handle.batch_for(x)
+        batch = self.context.batch_for(x)
         if role == "q_proj":
-            self.handle.observe(self.index, "attn", x, batch)
+            self.context.observe(self.index, "attn", x, batch)
         split = self._split(batch, role)
         if split is None or split.all_dense or self._merged(role):
             return original(x, *args, **kwargs)
@@ -134,7 +132,7 @@ class SparseBlock:
         self._record_skipped(batch, split, role)
         return split.merge(y_sparse, y_dense).view(*x.shape[:-1], -1)
 
-    def _split(self, batch: BatchState | None, role: str) -> ops.TokenSplit | None:
+    def _split(self, batch: BatchState | None, role: str) -> TokenSplit | None:
         """How `role` treats the tokens of `batch`: None means run the original module."""
         if batch is None:
             return None
@@ -161,7 +159,7 @@ class SparseBlock:
         g = ops.rows_linear(xs, gate.weight, gate.bias, keep)  # (n, k)
         u = ops.rows_linear(xs, up.weight, up.bias, keep)  # (n, k)
         has_lora = any(active_lora_adapters(p) for p in (m.gate, m.up, m.down))
-        if self.handle.config.sparse_lora_branch or not has_lora:
+        if self.config.sparse_lora_branch or not has_lora:
             g = _plus(g, lora_delta(m.gate, xs, out_rows=keep))
             u = _plus(u, lora_delta(m.up, xs, out_rows=keep))
             h = m.act(g) * u  # (n, k)
@@ -178,7 +176,7 @@ class SparseBlock:
     def _sparse_qkv(self, module, xs: torch.Tensor, channels: torch.Tensor) -> torch.Tensor:
         """xs: (n, H) -> (n, out): kept output channels of the frozen weight, dense LoRA."""
         base = base_linear(module)
-        base_in = xs.detach() if self.handle.config.detach_sparse_base else xs
+        base_in = xs.detach() if self.config.detach_sparse_base else xs
         y = ops.rows_linear(base_in, base.weight, base.bias, channels)  # (n, k)
         y = ops.scatter_channels(y, channels, base.out_features)  # (n, out)
         return _plus(y, lora_delta(module, xs))
@@ -186,11 +184,15 @@ class SparseBlock:
     def _sparse_o(self, module, xs: torch.Tensor, columns: torch.Tensor) -> torch.Tensor:
         """xs: (n, nh*hd) -> (n, H): kept input columns of the frozen weight, dense LoRA."""
         base = base_linear(module)
-        base_in = xs.detach() if self.handle.config.detach_sparse_base else xs
+        base_in = xs.detach() if self.config.detach_sparse_base else xs
         y = ops.cols_linear(base_in.index_select(1, columns), base.weight, base.bias, columns)
         return _plus(y, lora_delta(module, xs))
 
     # -- selection -----------------------------------------------------------------------
+
+    def selection_in(self, forward_id: int) -> dict[str, torch.Tensor]:
+        """The channels this block kept in forward `forward_id` (empty if it chose none)."""
+        return dict(self.selection) if self._selection_forward == forward_id else {}
 
     def selection_for(self, batch: BatchState) -> dict[str, torch.Tensor]:
         """This block's kept channels in `batch`'s forward (empty before they are chosen).
@@ -240,20 +242,20 @@ class SparseBlock:
         self, start: float, name: str, kept: float, batch: BatchState, macs_per_token: int
     ) -> None:
         """Log one selection: its time, kept fraction and the frozen FLOPs it saves."""
-        stats = self.handle.stats
+        stats = self.context.stats
         stats.add("estimator_seconds", time.perf_counter() - start)
         stats.add(name, kept)
         passes = 2 if torch.is_grad_enabled() else 1  # forward, plus the input-gradient backward
         stats.flops_saved += 2 * passes * macs_per_token * batch.split.sparse_rows.numel()
 
-    def _record_skipped(self, batch: BatchState, split: ops.TokenSplit, role: str) -> None:
+    def _record_skipped(self, batch: BatchState, split: TokenSplit, role: str) -> None:
         """Count the frozen FLOPs of the rows the last layer skipped."""
         if not split.skip_rows.numel():
             return
         base = base_linear(self.modules.gate if role == "mlp" else self.targets[role])
         macs = base.in_features * base.out_features * (3 if role == "mlp" else 1)
         passes = 2 if torch.is_grad_enabled() else 1
-        self.handle.stats.flops_saved += 2 * passes * macs * split.skip_rows.numel()
+        self.context.stats.flops_saved += 2 * passes * macs * split.skip_rows.numel()
 
     def _projector(self, role: str, module) -> Callable[[torch.Tensor], torch.Tensor]:
         """(T, in) float32 -> (T, out) float32: the estimator's x A B + b, or the true x W^T + b."""
@@ -264,14 +266,14 @@ class SparseBlock:
                 return F.linear(p.to(base.weight.dtype), base.weight, base.bias).float()
 
             return project
-        estimator = self.handle.estimator
+        estimator = self.context.estimator
         if base.bias is None:
             return lambda p: estimator.project(self.index, role, p)
         bias = base.bias.float()
         return lambda p: estimator.project(self.index, role, p).add_(bias)
 
     def _criterion(self, role: str) -> str:
-        config = self.handle.config
+        config = self.config
         return config.ffn_criterion if role in ("gate_proj", "up_proj") else config.attn_criterion
 
     def _choose_ffn(self, batch: BatchState, x: torch.Tensor) -> torch.Tensor:
@@ -280,7 +282,7 @@ class SparseBlock:
         k = selection.num_kept(width, self.ffn_sparsity)
         criterion = self._criterion("gate_proj")
         if criterion == "random":
-            generator = self.handle.generator(self.index, 0)
+            generator = self.context.generator(self.index, 0)
             return selection.random_channels(width, k, generator).to(x.device)
         scores = selection.ffn_scores(
             x.detach().float(),
@@ -289,7 +291,7 @@ class SparseBlock:
             self._projector("up_proj", m.up),
             m.act,
             per_token=criterion != "seq_mean",
-            max_tokens=self.handle.config.max_score_tokens,
+            max_tokens=self.config.max_score_tokens,
         )
         return selection.top_k_sorted(scores, k)
 
@@ -298,10 +300,10 @@ class SparseBlock:
         nh, nkv, hd = m.num_heads, m.num_kv_heads, m.head_dim
         k = selection.num_kept(nkv * hd, self.attn_sparsity)
         if self._criterion("q_proj") == "random":
-            qk = selection.random_channels(nkv * hd, k, self.handle.generator(self.index, 1))
-            v = selection.random_channels(nkv * hd, k, self.handle.generator(self.index, 2))
+            qk = selection.random_channels(nkv * hd, k, self.context.generator(self.index, 1))
+            v = selection.random_channels(nkv * hd, k, self.context.generator(self.index, 2))
         else:
-            limit = self.handle.config.max_score_tokens
+            limit = self.config.max_score_tokens
             tokens = selection.scored_tokens(x.detach(), batch.score_mask, limit).float()  # (T, H)
             q_hat = self._projector("q_proj", m.q)(tokens)  # (T, nh*hd)
             k_hat = self._projector("k_proj", m.k)(tokens)  # (T, nkv*hd)

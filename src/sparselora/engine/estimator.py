@@ -29,6 +29,9 @@ logger = logging.getLogger(__name__)
 
 FORMAT = "sparselora-estimator"
 Key = tuple[int, str]  # (layer index, projection name)
+FFN_ESTIMATED = ("gate_proj", "up_proj")  # down_proj reuses their channels
+ATTN_ESTIMATED = ("q_proj", "k_proj", "v_proj")  # o_proj reuses v_proj's channels
+ESTIMATED = FFN_ESTIMATED + ATTN_ESTIMATED
 
 
 class EstimatorMismatchError(ValueError):
@@ -99,6 +102,46 @@ def whitened_svd_factors(
     return a.float().contiguous(), (root.unsqueeze(1) * vh).float().contiguous()
 
 
+class CovarianceCollector:
+    """Accumulates E[x^T x] of block inputs over real tokens, for the whitened estimator.
+
+    Keys are (layer, "mlp") for the FFN input and (layer, "attn") for the attention input.
+    Memory: one (H, H) float32 matrix per key.
+    """
+
+    def __init__(self, keys: Iterable[Key]) -> None:
+        """keys: the (layer, projection) pairs whose inputs are collected."""
+        self.keys = {(layer, _input_kind(proj)) for layer, proj in keys}
+        self.sums: dict[tuple[int, str], torch.Tensor] = {}
+        self.tokens: dict[tuple[int, str], int] = {}
+
+    @torch.no_grad()
+    def add(self, layer: int, kind: str, x: torch.Tensor, mask: torch.Tensor) -> None:
+        """x: (B, L, H) input of `layer`'s "mlp" or "attn"; mask: (B, L) real tokens."""
+        if (layer, kind) not in self.keys:
+            return
+        tokens = x.detach()[mask].float()  # (T, H)
+        gram = tokens.T @ tokens
+        key = (layer, kind)
+        self.sums[key] = gram if key not in self.sums else self.sums[key] + gram
+        self.tokens[key] = self.tokens.get(key, 0) + tokens.shape[0]
+
+    def min_tokens(self) -> int:
+        return min((self.tokens.get(k, 0) for k in self.keys), default=0)
+
+    def covariances(self, keys: Iterable[Key]) -> dict[Key, torch.Tensor]:
+        """Per (layer, projection) covariance: q/k/v read the attention input, gate/up the FFN's."""
+        out = {}
+        for layer, proj in keys:
+            kind = _input_kind(proj)
+            out[(layer, proj)] = self.sums[(layer, kind)] / max(1, self.tokens[(layer, kind)])
+        return out
+
+
+def _input_kind(proj: str) -> str:
+    return "mlp" if proj in FFN_ESTIMATED else "attn"
+
+
 class Estimator:
     """Low-rank factors for a set of (layer, projection) pairs of one model."""
 
@@ -160,7 +203,7 @@ class Estimator:
 
     def save(self, path: str | os.PathLike) -> None:
         """Write the factors atomically as safetensors with metadata."""
-        from sparselora import __version__
+        from sparselora.version import __version__
 
         tensors = {}
         for (layer, proj), (a, b) in self.factors.items():

@@ -1,9 +1,10 @@
 """`apply_sparselora`: wrap the targeted blocks of one PEFT model and return a handle.
 
 The handle registers one forward pre-hook on the transformers model (to see each micro-batch's
-labels and attention mask) and takes over the forward of the sparsified MLP / projection module
-instances (see `blocks.py`). Nothing is patched process-wide, no weight is copied, and
-`handle.remove()` restores the model exactly.
+labels and attention mask), publishes what it learns in a `ForwardContext`, and takes over the
+forward of the sparsified MLP / projection module instances (see `blocks.py`), which read that
+context. Nothing is patched process-wide, no weight is copied, and `handle.remove()` restores
+the model exactly. docs/ARCHITECTURE.md follows one training forward through these objects.
 """
 
 from __future__ import annotations
@@ -13,7 +14,6 @@ import inspect
 import logging
 import os
 from collections.abc import Iterable, Iterator, Mapping
-from dataclasses import dataclass, field
 
 import torch
 from torch import nn
@@ -21,6 +21,10 @@ from torch import nn
 from sparselora.config import SparseLoRAConfig
 from sparselora.engine.blocks import SparseBlock
 from sparselora.engine.estimator import (
+    ATTN_ESTIMATED,
+    ESTIMATED,
+    FFN_ESTIMATED,
+    CovarianceCollector,
     Estimator,
     EstimatorCache,
     EstimatorMismatchError,
@@ -28,129 +32,81 @@ from sparselora.engine.estimator import (
     weights_fingerprint,
 )
 from sparselora.engine.models import family_for
-from sparselora.engine.ops import TokenSplit
 from sparselora.engine.peft_compat import base_linear, check_supported
-from sparselora.engine.savings import LabelledLogits, output_positions
+from sparselora.engine.savings import LabelledLogits
+from sparselora.engine.state import BatchState, ForwardContext, TokenSplit, output_positions
 from sparselora.engine.stats import SparsityStats
 
 logger = logging.getLogger(__name__)
 
-FFN_ESTIMATED = ("gate_proj", "up_proj")
-ATTN_ESTIMATED = ("q_proj", "k_proj", "v_proj")
-ESTIMATED = FFN_ESTIMATED + ATTN_ESTIMATED
-
-
-@dataclass
-class BatchState:
-    """What the sparse blocks need to know about the micro-batch being processed.
-
-    score_mask: (B, L) bool, the tokens channel scores are computed on (real tokens).
-    split: the sparse / dense token sets, or None when this forward runs dense.
-    unread: (B, L) bool, the positions whose last-layer output no loss reads, or None when the
-      last-layer saving is off for this forward.
-    """
-
-    forward_id: int
-    shape: tuple[int, int]
-    score_mask: torch.Tensor
-    split: TokenSplit | None
-    unread: torch.Tensor | None = None
-    _skip_splits: dict[bool, TokenSplit] = field(default_factory=dict)
-
-    def skip_split(self, with_sparse: bool) -> TokenSplit:
-        """The last layer's split: unread rows skipped, the rest sparse or dense as in `split`.
-
-        with_sparse: whether the calling projection is channel-sparse in that layer.
-        """
-        if with_sparse not in self._skip_splits:
-            unread = self.unread.reshape(-1)
-            if with_sparse and self.split is not None:
-                sparse = self.split.sparse_mask
-            else:
-                sparse = torch.zeros_like(unread)
-            self._skip_splits[with_sparse] = TokenSplit(sparse, skip_mask=unread)
-        return self._skip_splits[with_sparse]
-
-
-class CovarianceCollector:
-    """Accumulates E[x^T x] of block inputs over real tokens, for the whitened estimator.
-
-    Keys are (layer, "mlp") for the FFN input and (layer, "attn") for the attention input.
-    Memory: one (H, H) float32 matrix per key.
-    """
-
-    def __init__(self, keys: Iterable[tuple[int, str]]) -> None:
-        self.keys = set(keys)
-        self.sums: dict[tuple[int, str], torch.Tensor] = {}
-        self.tokens: dict[tuple[int, str], int] = {}
-
-    @torch.no_grad()
-    def add(self, layer: int, kind: str, x: torch.Tensor, mask: torch.Tensor) -> None:
-        if (layer, kind) not in self.keys:
-            return
-        tokens = x.detach()[mask].float()  # (T, H)
-        gram = tokens.T @ tokens
-        key = (layer, kind)
-        self.sums[key] = gram if key not in self.sums else self.sums[key] + gram
-        self.tokens[key] = self.tokens.get(key, 0) + tokens.shape[0]
-
-    def min_tokens(self) -> int:
-        return min((self.tokens.get(k, 0) for k in self.keys), default=0)
-
-    def covariances(self, keys: Iterable[Key]) -> dict[Key, torch.Tensor]:
-        """Per (layer, projection) covariance: q/k/v read the attention input, gate/up the FFN's."""
-        out = {}
-        for layer, proj in keys:
-            kind = "mlp" if proj in FFN_ESTIMATED else "attn"
-            out[(layer, proj)] = self.sums[(layer, kind)] / max(1, self.tokens[(layer, kind)])
-        return out
-
 
 class SparseLoRA:
-    """Handle on a model wrapped by `apply_sparselora`.
+    """Handle on a model wrapped by `apply_sparselora` (which builds and installs it).
 
     - `enable()` / `disable()`: switch sparsity on or off (the step schedule calls these).
     - `dense()`: context manager, dense inside (nestable).
     - `remove()`: restore the original modules exactly.
     - `last_selection()`: kept channels per layer and projection from the last sparse forward.
     - `calibrate(batches)`: fit the whitened estimator now instead of on the first batches.
+    - `set_estimator(estimator)`: use these factors (checked against the model's weights).
+    - `batch(shape, labels)`: declare a micro-batch to call wrapped blocks directly.
     """
 
     def __init__(
         self,
         model: nn.Module,
-        config: SparseLoRAConfig,
+        context: ForwardContext,
         blocks: dict[int, SparseBlock],
-        estimator_keys: list[Key],
+        head: LabelledLogits | None,
         weights: Mapping[Key, torch.Tensor],
-        cache: EstimatorCache | None,
         fingerprint: str,
+        cache: EstimatorCache | None,
     ) -> None:
+        """Installs at once: from here on the model's targeted forwards are sparse.
+
+        weights: the frozen weights the estimator needs factors for, by (layer, projection);
+        fingerprint: of every projection weight of the model (it keys the estimator cache).
+        """
         self.model = model
-        self.config = config
+        self.config = context.config
         self.blocks = blocks
-        self.estimator: Estimator | None = None
-        self.collector: CovarianceCollector | None = None
-        self._estimator_keys = estimator_keys
-        self._weights = weights
         self.fingerprint = fingerprint
         self.cache = cache
+        self._context = context
+        self._head = head
+        self._weights = weights
         self._enabled = True
         self._dense_depth = 0
         self._forward_id = 0
-        self._batch: BatchState | None = None
-        self._signature = inspect.signature(model.forward)
-        self._hook = None
-        self._head: LabelledLogits | None = None
-        self._installed = False
         self._calibrating = False
-        self.stats = SparsityStats()
+        self._signature = inspect.signature(model.forward)
+        for block in blocks.values():
+            block.install()
+        if head is not None:
+            head.install()
+        self._hook = model.register_forward_pre_hook(self._before_forward, with_kwargs=True)
+        self._installed = True
 
-    # -- switches ------------------------------------------------------------------------
+    # -- state ---------------------------------------------------------------------------
+
+    @property
+    def stats(self) -> SparsityStats:
+        """Kept fractions, estimator time and FLOPs saved (see `SparsityStats`)."""
+        return self._context.stats
+
+    @property
+    def estimator(self) -> Estimator | None:
+        """The estimator in use, or None while the whitened estimator still calibrates."""
+        return self._context.estimator
 
     @property
     def enabled(self) -> bool:
         return self._enabled
+
+    @property
+    def ready(self) -> bool:
+        """True once the estimator exists (or no criterion needs one)."""
+        return self._context.estimator is not None or not self._weights
 
     def enable(self) -> None:
         self._enabled = True
@@ -167,33 +123,16 @@ class SparseLoRA:
         finally:
             self._dense_depth -= 1
 
-    @property
-    def ready(self) -> bool:
-        """True once the estimator exists (or no criterion needs one)."""
-        return self.estimator is not None or not self._estimator_keys
-
     def last_selection(self) -> dict[int, dict[str, torch.Tensor]]:
         """{layer: {projection: kept indices}} of the most recent sparse forward.
 
         gate/up: kept output rows; down: kept input columns (the same FFN channels);
         q/k/v: kept output channels; o: kept input columns. Indices are sorted (k,) int64.
         """
-        latest = self._batch.forward_id if self._batch is not None else -1
-        return {
-            index: dict(block.selection)
-            for index, block in self.blocks.items()
-            if block.selection and block._selection_forward == latest
-        }
-
-    # -- installation --------------------------------------------------------------------
-
-    def _install(self) -> None:
-        for block in self.blocks.values():
-            block.install()
-        self._hook = self.model.register_forward_pre_hook(self._before_forward, with_kwargs=True)
-        if self._head is not None:
-            self._head.install()
-        self._installed = True
+        batch = self._context.batch
+        latest = batch.forward_id if batch is not None else -1
+        chosen = {index: block.selection_in(latest) for index, block in self.blocks.items()}
+        return {index: selection for index, selection in chosen.items() if selection}
 
     def remove(self) -> nn.Module:
         """Restore every wrapped module's original forward; returns the model."""
@@ -205,7 +144,7 @@ class SparseLoRA:
         if self._head is not None:
             self._head.uninstall()
         self._installed = False
-        self._batch = None
+        self._context.batch = None
         return self.model
 
     # -- per-forward state ---------------------------------------------------------------
@@ -218,13 +157,13 @@ class SparseLoRA:
         if reference is None:
             reference = bound.get("inputs_embeds")
         if reference is None:
-            self._batch = None
+            self._context.batch = None
             return
         extra = bound.get("kwargs", {})
         reads_everything = bool(
             bound.get("output_hidden_states") or extra.get("output_hidden_states")
         )
-        self._batch = self._batch_state(
+        self._context.batch = self._batch_state(
             tuple(reference.shape[:2]),
             reference.device,
             bound.get("attention_mask"),
@@ -241,27 +180,17 @@ class SparseLoRA:
         else:
             real = torch.ones(shape, dtype=torch.bool, device=device)
         score_mask = real if self.config.exclude_padding else torch.ones_like(real)
+        exact_savings = self._installed and self._dense_depth == 0 and training
         unread = None
         if (
             self.config.skip_unread_last_layer
             and labels is not None
             and not reads_everything
-            and self.exact_savings_active(training)
+            and exact_savings
         ):
             unread = ~output_positions(labels.to(device), "dense")
-        return BatchState(
-            self._forward_id, shape, score_mask, self._token_split(training, labels, real), unread
-        )
-
-    def exact_savings_active(self, training: bool) -> bool:
-        """Whether a forward may skip the work no loss reads (training, outside `dense()`)."""
-        return self._installed and self._dense_depth == 0 and training
-
-    def record_skipped_head(self, hidden: torch.Tensor, read: torch.Tensor, vocab: int) -> None:
-        """Count the LM-head FLOPs the labelled-logits saving skipped in one forward."""
-        skipped = hidden.shape[0] * hidden.shape[1] - int(read.sum())
-        passes = 2 if torch.is_grad_enabled() else 1
-        self.stats.flops_saved += 2 * passes * hidden.shape[-1] * vocab * skipped
+        split = self._token_split(training, labels, real)
+        return BatchState(self._forward_id, shape, score_mask, split, unread, exact_savings)
 
     def _token_split(self, training: bool, labels, real: torch.Tensor) -> TokenSplit | None:
         if not (self._enabled and self._dense_depth == 0 and self.ready):
@@ -288,54 +217,25 @@ class SparseLoRA:
         as it would inside a training forward on that batch (sparse unless disabled).
         """
         self._forward_id += 1
-        self._batch = self._batch_state(
-            tuple(shape), torch.device(device), attention_mask, labels, True
-        )
+        state = self._batch_state(tuple(shape), torch.device(device), attention_mask, labels, True)
+        self._context.batch = state
         try:
-            yield self._batch
+            yield state
         finally:
-            self._batch = None
-
-    def batch_for(self, x: torch.Tensor) -> BatchState | None:
-        """The current micro-batch's state if `x` (B, L, C) belongs to it, else None."""
-        batch = self._batch
-        if batch is None or x.dim() != 3 or tuple(x.shape[:2]) != batch.shape:
-            return None
-        return batch
-
-    def observe(self, layer: int, kind: str, x: torch.Tensor, batch: BatchState | None) -> None:
-        """Feed a block input to the calibration collector while one is running."""
-        if self.collector is not None and batch is not None:
-            self.collector.add(layer, kind, x, batch.score_mask)
-
-    def generator(self, layer: int, part: int) -> torch.Generator:
-        """Seeded per forward, layer and part, so recomputation draws the same channels."""
-        seed = hash((self.config.seed, self._batch.forward_id, layer, part)) & 0x7FFFFFFF
-        return torch.Generator().manual_seed(seed)
+            self._context.batch = None
 
     # -- estimator -----------------------------------------------------------------------
 
     def set_estimator(self, estimator: Estimator) -> None:
         """Use these factors; refuse them if they were built for other weights."""
-        fingerprint = self.fingerprint
-        if estimator.fingerprint and estimator.fingerprint != fingerprint:
-            raise EstimatorMismatchError(
-                f"the estimator was built for other weights (fingerprint {estimator.fingerprint}, "
-                f"this model: {fingerprint}); rebuild it for this model"
-            )
-        estimator.check_shapes(self._weights)
-        device = next(iter(self._weights.values())).device
-        self.estimator = estimator.to(device)
-        self.collector = None
+        self._context.estimator = _checked(estimator, self.fingerprint, self._weights)
+        self._context.collector = None
 
     def _start_calibration(self) -> None:
-        self.collector = CovarianceCollector(
-            (layer, "mlp" if proj in FFN_ESTIMATED else "attn")
-            for layer, proj in self._estimator_keys
-        )
+        self._context.collector = CovarianceCollector(self._weights)
 
     def _maybe_finish_calibration(self) -> None:
-        collector = self.collector
+        collector = self._context.collector
         if collector is None or self._calibrating:
             return
         if collector.min_tokens() < self.config.calibration_tokens:
@@ -343,7 +243,7 @@ class SparseLoRA:
         self._finish_calibration()
 
     def _finish_calibration(self) -> None:
-        collector = self.collector
+        collector = self._context.collector
         logger.info("fitting whitened estimator on %d calibration tokens", collector.min_tokens())
         estimator = Estimator.build(
             self._weights,
@@ -371,20 +271,11 @@ class SparseLoRA:
                     self.model(**{k: v for k, v in batch.items() if k != "labels"})
         finally:
             self._calibrating = False
-        if self.collector.min_tokens() == 0:
-            self.collector = None
+        if self._context.collector.min_tokens() == 0:
+            self._context.collector = None
             raise ValueError("calibration batches held no real tokens")
         self._finish_calibration()
         return self.estimator
-
-
-def _estimator_keys(config: SparseLoRAConfig, ffn: dict, attn: dict) -> list[Key]:
-    keys: list[Key] = []
-    if config.ffn_criterion in ("seq_mean", "per_token"):
-        keys += [(i, p) for i in ffn for p in FFN_ESTIMATED]
-    if config.attn_criterion == "norm":
-        keys += [(i, p) for i in attn for p in ATTN_ESTIMATED]
-    return sorted(keys)
 
 
 def apply_sparselora(
@@ -424,27 +315,41 @@ def apply_sparselora(
 
     keys = _estimator_keys(config, ffn, attn)
     weights = {(i, p): base_linear(modules[i].projection(p)).weight for i, p in keys}
-    cache = EstimatorCache(cache_dir) if use_cache else None
     every_layer = [family.block(layer, i, base.config) for i, layer in enumerate(layers)]
     fingerprint = weights_fingerprint(
         {(b.index, p): base_linear(b.projection(p)).weight for b in every_layer for p in ESTIMATED}
     )
-    handle = SparseLoRA(base, config, {}, keys, weights, cache, fingerprint)
-    handle.blocks = {
+    cache = EstimatorCache(cache_dir) if use_cache else None
+
+    context = ForwardContext(config)
+    if keys:
+        model_name = getattr(base.config, "_name_or_path", None)
+        context.estimator = _initial_estimator(
+            config, estimator, cache, weights, fingerprint, model_name
+        )
+    blocks = {
         i: SparseBlock(
-            handle, block, ffn.get(i), attn.get(i), last=i == last and config.skip_unread_last_layer
+            context,
+            block,
+            ffn.get(i),
+            attn.get(i),
+            last=i == last and config.skip_unread_last_layer,
         )
         for i, block in modules.items()
     }
     parts = family.causal_lm_parts(base) if config.labelled_logits else None
-    if parts is not None:
-        handle._head = LabelledLogits(handle, base, *parts)
+    head = LabelledLogits(context, base, *parts) if parts is not None else None
+    handle = SparseLoRA(base, context, blocks, head, weights, fingerprint, cache)
 
-    if keys:
-        _provide_estimator(handle, config, estimator, calibration, cache, weights, fingerprint)
-    handle._install()
-    if calibration is not None and not handle.ready:
-        handle.calibrate(calibration)
+    if not handle.ready:
+        if calibration is not None:
+            handle.calibrate(calibration)
+        else:
+            logger.info(
+                "whitened estimator: the first %d training tokens run dense to calibrate it",
+                config.calibration_tokens,
+            )
+            handle._start_calibration()
     logger.info(
         "SparseLoRA on %d FFN and %d attention layers (%s estimator, rank %d)",
         len(ffn),
@@ -455,35 +360,56 @@ def apply_sparselora(
     return handle
 
 
-def _provide_estimator(handle, config, estimator, calibration, cache, weights, fingerprint) -> None:
-    if isinstance(estimator, (str, os.PathLike)):
-        estimator = Estimator.load(estimator, fingerprint=fingerprint)
-    if estimator is not None:
-        handle.set_estimator(estimator)
-        return
+def _estimator_keys(config: SparseLoRAConfig, ffn: dict, attn: dict) -> list[Key]:
+    """The (layer, projection) pairs whose channels an estimator scores under `config`."""
+    keys: list[Key] = []
+    if config.ffn_criterion in ("seq_mean", "per_token"):
+        keys += [(i, p) for i in ffn for p in FFN_ESTIMATED]
+    if config.attn_criterion == "norm":
+        keys += [(i, p) for i in attn for p in ATTN_ESTIMATED]
+    return sorted(keys)
+
+
+def _initial_estimator(
+    config: SparseLoRAConfig,
+    given: Estimator | str | os.PathLike | None,
+    cache: EstimatorCache | None,
+    weights: Mapping[Key, torch.Tensor],
+    fingerprint: str,
+    model_name: str | None,
+) -> Estimator | None:
+    """The estimator to start with: the one given, a cached one, or an `svd` one built now.
+
+    None means the whitened estimator must first be calibrated on real inputs.
+    """
+    if isinstance(given, (str, os.PathLike)):
+        given = Estimator.load(given, fingerprint=fingerprint)
+    if given is not None:
+        return _checked(given, fingerprint, weights)
     if cache is not None:
         cached = cache.load(fingerprint, config.estimator, config.estimator_rank, weights)
         if cached is not None:
-            logger.info(
-                "loaded estimator from cache %s",
-                cache.path(fingerprint, config.estimator, config.estimator_rank),
-            )
-            handle.set_estimator(cached)
-            return
-    if config.estimator == "svd":
-        built = Estimator.build(
-            weights,
-            "svd",
-            config.estimator_rank,
-            fingerprint=fingerprint,
-            model_name=getattr(handle.model.config, "_name_or_path", None),
+            path = cache.path(fingerprint, config.estimator, config.estimator_rank)
+            logger.info("loaded estimator from cache %s", path)
+            return _checked(cached, fingerprint, weights)
+    if config.estimator != "svd":
+        return None
+    built = Estimator.build(
+        weights, "svd", config.estimator_rank, fingerprint=fingerprint, model_name=model_name
+    )
+    if cache is not None:
+        cache.store(built)
+    return _checked(built, fingerprint, weights)
+
+
+def _checked(
+    estimator: Estimator, fingerprint: str, weights: Mapping[Key, torch.Tensor]
+) -> Estimator:
+    """`estimator` on the weights' device, if it was built for these weights; else an error."""
+    if estimator.fingerprint and estimator.fingerprint != fingerprint:
+        raise EstimatorMismatchError(
+            f"the estimator was built for other weights (fingerprint {estimator.fingerprint}, "
+            f"this model: {fingerprint}); rebuild it for this model"
         )
-        handle.set_estimator(built)
-        if cache is not None:
-            cache.store(built)
-    elif calibration is None:
-        logger.info(
-            "whitened estimator: the first %d training tokens run dense to calibrate it",
-            config.calibration_tokens,
-        )
-        handle._start_calibration()
+    estimator.check_shapes(weights)
+    return estimator.to(next(iter(weights.values())).device)

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import functools
 import inspect
-from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -27,9 +26,7 @@ from torch import nn
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from sparselora.config import IGNORE_INDEX
-
-if TYPE_CHECKING:
-    from sparselora.engine.handle import SparseLoRA
+from sparselora.engine.state import ForwardContext
 
 # Forward arguments the labelled-logits path understands; any other one (a cache, hidden states
 # or attentions requested, a tuple return, pre-shifted labels) takes the model's own forward.
@@ -43,21 +40,6 @@ _HANDLED = {
     "logits_to_keep",
     "num_items_in_batch",
 }
-
-
-def output_positions(labels: torch.Tensor, alignment: str = "dense") -> torch.Tensor:
-    """(B, L) bool: the positions that run dense. Everything else (context, padding) is sparse.
-
-    The logits at position t predict token t + 1, so with alignment "dense" position t is dense
-    when labels[:, t + 1] != -100: exactly the positions whose outputs enter the loss. With
-    "dense_labelled" (the reference code) position t is dense when labels[:, t] != -100.
-    """
-    labelled = labels != IGNORE_INDEX
-    if alignment == "dense_labelled":
-        return labelled
-    shifted = torch.zeros_like(labelled)
-    shifted[:, :-1] = labelled[:, 1:]
-    return shifted
 
 
 def causal_lm_loss(
@@ -95,11 +77,14 @@ class LabelledLogits:
     """Takes over the causal LM's forward: LM head and loss only at labelled positions.
 
     `model` is the transformers causal LM (`LlamaForCausalLM`, ...); `decoder` its body
-    (`model.model`) and `head` its output projection. Installed on the instance only.
+    (`model.model`) and `head` its output projection. Installed on the instance only; it takes
+    the shortcut only when the context's current batch allows exact savings.
     """
 
-    def __init__(self, handle: SparseLoRA, model: nn.Module, decoder: nn.Module, head: nn.Module):
-        self.handle, self.model, self.decoder, self.head = handle, model, decoder, head
+    def __init__(
+        self, context: ForwardContext, model: nn.Module, decoder: nn.Module, head: nn.Module
+    ) -> None:
+        self.context, self.model, self.decoder, self.head = context, model, decoder, head
         self._signature = inspect.signature(model.forward)
         self._own = None
         self._installed = False
@@ -132,10 +117,12 @@ class LabelledLogits:
         extra = bound.pop("kwargs", {})
         arguments = {**bound, **extra}
         labels = arguments.get("labels")
+        batch = self.context.batch
         if (
             labels is None
-            or not self.handle.config.labelled_logits
-            or not self.handle.exact_savings_active(self.model.training)
+            or not self.context.config.labelled_logits
+            or batch is None
+            or not batch.exact_savings
             or any(k not in _HANDLED and _requested(k, v) for k, v in arguments.items())
             or arguments.get("use_cache")
             or not _keeps_all(arguments.get("logits_to_keep", 0))
@@ -152,8 +139,14 @@ class LabelledLogits:
         loss, logits, read = labelled_loss(
             hidden, labels, self.head, arguments.get("num_items_in_batch")
         )
-        self.handle.record_skipped_head(hidden, read, logits.shape[-1])
+        self._record_skipped(hidden, read, logits.shape[-1])
         return CausalLMOutputWithPast(loss=loss, logits=logits)
+
+    def _record_skipped(self, hidden: torch.Tensor, read: torch.Tensor, vocab: int) -> None:
+        """Count the LM-head FLOPs skipped in one forward: hidden (B, L, H), read (B, L-1)."""
+        skipped = hidden.shape[0] * hidden.shape[1] - int(read.sum())
+        passes = 2 if torch.is_grad_enabled() else 1  # forward, plus the input-gradient backward
+        self.context.stats.flops_saved += 2 * passes * hidden.shape[-1] * vocab * skipped
 
 
 def _requested(name: str, value) -> bool:

@@ -14,9 +14,15 @@ from peft import PeftModel
 
 from sparselora.config import SparseLoRAConfig
 from sparselora.engine.handle import apply_sparselora
-from sparselora.recipes.data import Collator, load_records, tokenize_records
-from sparselora.recipes.run_config import ModelSection, RunConfig
-from sparselora.recipes.train import load_model
+from sparselora.recipes.data import (
+    CALIBRATION_EXAMPLES,
+    Collator,
+    calibration_batches,
+    load_records,
+    tokenize_records,
+)
+from sparselora.recipes.loading import load_model, load_tokenizer
+from sparselora.recipes.run_config import RunConfig
 
 logger = logging.getLogger(__name__)
 
@@ -29,7 +35,9 @@ def load_run(run_dir: Path):
             f"{run_dir} is not a finished run folder (needs run.yaml and adapter/)"
         )
     config = RunConfig.load(config_file)
-    model, tokenizer = load_model(config.model)
+    section = config.model
+    model = load_model(section.name, section.dtype, section.attn_implementation)
+    tokenizer = load_tokenizer(section.name)
     return config, PeftModel.from_pretrained(model, adapter).eval(), tokenizer
 
 
@@ -133,12 +141,11 @@ def build_estimator_file(
     overrides = {k: v for k, v in (("estimator", kind), ("estimator_rank", rank)) if v is not None}
     if overrides:
         config = SparseLoRAConfig.from_dict({**config.to_dict(), **overrides})
-    model, tokenizer = load_model(ModelSection(name=model_name))
+    model, tokenizer = load_model(model_name), load_tokenizer(model_name)
     calibration = None
     if config.estimator == "whitened_svd":
-        examples, _ = tokenize_records(load_records(data)[:32], tokenizer)
-        collator = Collator(tokenizer.pad_token_id)
-        calibration = [collator(examples[i : i + 4]) for i in range(0, len(examples), 4)]
+        examples, _ = tokenize_records(load_records(data)[:CALIBRATION_EXAMPLES], tokenizer)
+        calibration = calibration_batches(examples, Collator(tokenizer.pad_token_id))
     handle = apply_sparselora(model, config, calibration=calibration)
     estimator = handle.estimator
     handle.remove()

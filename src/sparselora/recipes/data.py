@@ -552,3 +552,18 @@ class Collator:
         if has_labels:
             batch["labels"] = labels  # (B, T)
         return batch
+
+
+CALIBRATION_EXAMPLES = 32  # examples the whitened estimator is fitted on, in batches of 4
+
+
+def calibration_batches(
+    examples: Sequence[Example], collator: Collator, count: int = CALIBRATION_EXAMPLES
+) -> list[dict[str, torch.Tensor]]:
+    """The first `count` examples in collated batches of 4: the whitened estimator's data.
+
+    A fixed set (not the first batches of a shuffled stream) keeps the estimator identical
+    when a run resumes from a checkpoint.
+    """
+    rows = list(examples[:count])
+    return [collator(rows[i : i + 4]) for i in range(0, len(rows), 4)]

@@ -16,44 +16,39 @@ from typing import Any
 
 import yaml
 
-from sparselora.config import ConfigError, SparseLoRAConfig, check_choice
+from sparselora.config import ConfigError, SparseLoRAConfig, check_choice, doc
+from sparselora.recipes.data import TEMPLATES
+from sparselora.recipes.loading import ATTN_IMPLEMENTATIONS, DTYPES, EMBEDDED_MODEL, METHODS
 
-METHODS = ("lora", "sparselora")
-DTYPES = ("auto", "float32", "bfloat16", "float16")
 PADDING_SIDES = ("right", "left")
-TEMPLATES = ("auto", "alpaca", "chat", "raw")
 SCHEDULERS = ("cosine", "linear", "constant", "constant_with_warmup")
-
-
-def _help(text: str) -> dict[str, str]:
-    return {"help": text}
 
 
 @dataclass
 class ModelSection:
     name: str = field(
-        default="smollm2-135m-instruct",
-        metadata=_help(
+        default=EMBEDDED_MODEL,
+        metadata=doc(
             "'smollm2-135m-instruct' (embedded, offline), a Hugging Face model id, or a local "
             "directory with config.json."
         ),
     )
     dtype: str = field(
         default="auto",
-        metadata=_help("'auto' (float32 on CPU, bfloat16 on GPU), float32, bfloat16, float16."),
+        metadata=doc("'auto' (float32 on CPU, bfloat16 on GPU), float32, bfloat16, float16."),
     )
-    attn_implementation: str = field(default="sdpa", metadata=_help("'sdpa' or 'eager'."))
-    gradient_checkpointing: bool = field(default=False, metadata=_help("Recompute activations."))
+    attn_implementation: str = field(default="sdpa", metadata=doc("'sdpa' or 'eager'."))
+    gradient_checkpointing: bool = field(default=False, metadata=doc("Recompute activations."))
 
 
 @dataclass
 class LoraSection:
-    r: int = field(default=32, metadata=_help("LoRA rank (METHOD.md section 7: 32)."))
-    alpha: int = field(default=64, metadata=_help("LoRA alpha (64)."))
-    dropout: float = field(default=0.0, metadata=_help("LoRA dropout (0)."))
+    r: int = field(default=32, metadata=doc("LoRA rank (METHOD.md section 7: 32)."))
+    alpha: int = field(default=64, metadata=doc("LoRA alpha (64)."))
+    dropout: float = field(default=0.0, metadata=doc("LoRA dropout (0)."))
     target_modules: list[str] = field(
         default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"],
-        metadata=_help("Modules that get adapters."),
+        metadata=doc("Modules that get adapters."),
     )
 
 
@@ -61,55 +56,53 @@ class LoraSection:
 class DataSection:
     train: str = field(
         default="gsm8k:train",
-        metadata=_help(
+        metadata=doc(
             "Training data: 'gsm8k[:train|:eval]' (embedded) or a path to an LLM-Adapters "
             ".json file or a .jsonl file (instruction/input/output, prompt/completion, messages)."
         ),
     )
     eval: str | None = field(
-        default="gsm8k:eval", metadata=_help("Held-out data in the same formats, or null.")
+        default="gsm8k:eval", metadata=doc("Held-out data in the same formats, or null.")
     )
     task: str = field(
         default="gsm8k",
-        metadata=_help("Answer-extraction rule for accuracy (gsm8k, boolq, piqa, ..., humaneval)."),
+        metadata=doc("Answer-extraction rule for accuracy (gsm8k, boolq, piqa, ..., humaneval)."),
     )
-    max_length: int = field(default=512, metadata=_help("Tokens per example after truncation."))
-    prompt_max_length: int = field(default=256, metadata=_help("Prompt tokens kept at most."))
-    template: str = field(
-        default="auto", metadata=_help("Prompt format: auto, alpaca, chat or raw.")
-    )
-    padding_side: str = field(default="right", metadata=_help("'right' or 'left'."))
+    max_length: int = field(default=512, metadata=doc("Tokens per example after truncation."))
+    prompt_max_length: int = field(default=256, metadata=doc("Prompt tokens kept at most."))
+    template: str = field(default="auto", metadata=doc("Prompt format: auto, alpaca, chat or raw."))
+    padding_side: str = field(default="right", metadata=doc("'right' or 'left'."))
     max_train_examples: int | None = field(
-        default=None, metadata=_help("Use only the first N training examples.")
+        default=None, metadata=doc("Use only the first N training examples.")
     )
     max_eval_examples: int | None = field(
-        default=None, metadata=_help("Use only the first N held-out examples.")
+        default=None, metadata=doc("Use only the first N held-out examples.")
     )
 
 
 @dataclass
 class TrainingSection:
-    method: str = field(default="sparselora", metadata=_help("'lora' or 'sparselora'."))
-    output_dir: str = field(default="runs/default", metadata=_help("Run folder."))
-    epochs: float = field(default=1.0, metadata=_help("Training epochs."))
-    max_steps: int = field(default=-1, metadata=_help("Optimizer steps; -1 uses epochs."))
-    batch_size: int = field(default=4, metadata=_help("Micro-batch size per device."))
-    gradient_accumulation: int = field(default=1, metadata=_help("Micro-batches per step."))
-    learning_rate: float = field(default=3e-4, metadata=_help("AdamW learning rate."))
-    lr_scheduler: str = field(default="cosine", metadata=_help("cosine, linear, constant, ..."))
-    warmup_ratio: float = field(default=0.04, metadata=_help("Fraction of steps of LR warm-up."))
-    weight_decay: float = field(default=0.0, metadata=_help("AdamW weight decay."))
-    seed: int = field(default=42, metadata=_help("Seed of data order and adapter init."))
-    save_steps: int = field(default=50, metadata=_help("Checkpoint every N steps (0: never)."))
-    save_total_limit: int = field(default=2, metadata=_help("Checkpoints kept."))
-    eval_steps: int = field(default=0, metadata=_help("Held-out loss every N steps (0: end)."))
-    resume: bool = field(default=True, metadata=_help("Resume from the last checkpoint."))
+    method: str = field(default="sparselora", metadata=doc("'lora' or 'sparselora'."))
+    output_dir: str = field(default="runs/default", metadata=doc("Run folder."))
+    epochs: float = field(default=1.0, metadata=doc("Training epochs."))
+    max_steps: int = field(default=-1, metadata=doc("Optimizer steps; -1 uses epochs."))
+    batch_size: int = field(default=4, metadata=doc("Micro-batch size per device."))
+    gradient_accumulation: int = field(default=1, metadata=doc("Micro-batches per step."))
+    learning_rate: float = field(default=3e-4, metadata=doc("AdamW learning rate."))
+    lr_scheduler: str = field(default="cosine", metadata=doc("cosine, linear, constant, ..."))
+    warmup_ratio: float = field(default=0.04, metadata=doc("Fraction of steps of LR warm-up."))
+    weight_decay: float = field(default=0.0, metadata=doc("AdamW weight decay."))
+    seed: int = field(default=42, metadata=doc("Seed of data order and adapter init."))
+    save_steps: int = field(default=50, metadata=doc("Checkpoint every N steps (0: never)."))
+    save_total_limit: int = field(default=2, metadata=doc("Checkpoints kept."))
+    eval_steps: int = field(default=0, metadata=doc("Held-out loss every N steps (0: end)."))
+    resume: bool = field(default=True, metadata=doc("Resume from the last checkpoint."))
 
 
 @dataclass
 class LoggingSection:
-    logging_steps: int = field(default=1, metadata=_help("Log every N steps."))
-    tensorboard: bool = field(default=True, metadata=_help("Write TensorBoard logs."))
+    logging_steps: int = field(default=1, metadata=doc("Log every N steps."))
+    tensorboard: bool = field(default=True, metadata=doc("Write TensorBoard logs."))
 
 
 @dataclass
@@ -118,7 +111,7 @@ class RunConfig:
     lora: LoraSection = field(default_factory=LoraSection)
     sparselora: dict[str, Any] = field(
         default_factory=lambda: {"preset": "smollm2-135m-gsm8k"},
-        metadata=_help("SparseLoRAConfig fields, or {'preset': name} plus overrides."),
+        metadata=doc("SparseLoRAConfig fields, or {'preset': name} plus overrides."),
     )
     data: DataSection = field(default_factory=DataSection)
     training: TrainingSection = field(default_factory=TrainingSection)
@@ -126,7 +119,9 @@ class RunConfig:
 
     def __post_init__(self) -> None:
         check_choice("model.dtype", self.model.dtype, DTYPES)
-        check_choice("model.attn_implementation", self.model.attn_implementation, ("sdpa", "eager"))
+        check_choice(
+            "model.attn_implementation", self.model.attn_implementation, ATTN_IMPLEMENTATIONS
+        )
         check_choice("data.template", self.data.template, TEMPLATES)
         check_choice("data.padding_side", self.data.padding_side, PADDING_SIDES)
         check_choice("training.method", self.training.method, METHODS)

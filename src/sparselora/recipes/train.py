@@ -27,68 +27,22 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from peft import LoraConfig, get_peft_model
-from transformers import (
-    AutoModelForCausalLM,
-    AutoTokenizer,
-    Trainer,
-    TrainerCallback,
-    TrainingArguments,
-)
+from transformers import Trainer, TrainerCallback, TrainingArguments
 from transformers import set_seed as hf_set_seed
 
-from sparselora import __version__
 from sparselora.config import IGNORE_INDEX
 from sparselora.engine.flops import STAGE as FLOPS_TARGETS
 from sparselora.engine.flops import ModelShape, step_flops
 from sparselora.engine.handle import SparseLoRA, apply_sparselora
 from sparselora.engine.schedule import SparseLoRACallback
-from sparselora.recipes.data import Collator, load_records, tokenize_records
-from sparselora.recipes.run_config import ModelSection, RunConfig
+from sparselora.recipes.data import Collator, calibration_batches, load_records, tokenize_records
+from sparselora.recipes.loading import add_lora, load_model, load_tokenizer, resolve_dtype
+from sparselora.recipes.run_config import RunConfig
+from sparselora.version import __version__
 
 logger = logging.getLogger(__name__)
 
-EMBEDDED_MODEL = "smollm2-135m-instruct"
 COMPLETE_MARKER = "sparselora_complete.json"
-CALIBRATION_EXAMPLES = 32
-
-
-def resolve_dtype(name: str) -> torch.dtype:
-    if name == "auto":
-        return torch.bfloat16 if torch.cuda.is_available() else torch.float32
-    return getattr(torch, name)
-
-
-def load_model(section: ModelSection):
-    """(model, tokenizer) for the embedded default, a hub id or a local directory."""
-    dtype = resolve_dtype(section.dtype)
-    if section.name == EMBEDDED_MODEL:
-        from sparselora.recipes.assets import load_smollm2
-
-        model, tokenizer = load_smollm2(dtype=dtype)
-        model.config._attn_implementation = section.attn_implementation
-    else:
-        model = AutoModelForCausalLM.from_pretrained(
-            section.name, dtype=dtype, attn_implementation=section.attn_implementation
-        )
-        tokenizer = AutoTokenizer.from_pretrained(section.name)
-    if tokenizer.pad_token_id is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    return model, tokenizer
-
-
-def wrap_lora(model, config: RunConfig):
-    lora = config.lora
-    return get_peft_model(
-        model,
-        LoraConfig(
-            r=lora.r,
-            lora_alpha=lora.alpha,
-            lora_dropout=lora.dropout,
-            target_modules=list(lora.target_modules),
-            task_type="CAUSAL_LM",
-        ),
-    )
 
 
 def load_examples(source: str, tokenizer, config: RunConfig, limit: int | None) -> list[dict]:
@@ -232,7 +186,9 @@ def train(config: RunConfig, callbacks: list[TrainerCallback] | None = None) -> 
     training = config.training
     hf_set_seed(training.seed)
 
-    model, tokenizer = load_model(config.model)
+    section = config.model
+    model = load_model(section.name, section.dtype, section.attn_implementation)
+    tokenizer = load_tokenizer(section.name)
     train_examples = load_examples(
         config.data.train, tokenizer, config, config.data.max_train_examples
     )
@@ -245,7 +201,8 @@ def train(config: RunConfig, callbacks: list[TrainerCallback] | None = None) -> 
 
     if config.model.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    model = wrap_lora(model, config)
+    lora = config.lora
+    model = add_lora(model, lora.r, lora.alpha, lora.target_modules, lora.dropout)
     handle = None
     callbacks = list(callbacks or [])
     if training.method == "sparselora":
@@ -254,8 +211,7 @@ def train(config: RunConfig, callbacks: list[TrainerCallback] | None = None) -> 
         if sparse_config.estimator == "whitened_svd":
             # A fixed calibration set (not the first batches of the shuffled stream) keeps the
             # estimator identical when a run resumes from a checkpoint.
-            rows = train_examples[:CALIBRATION_EXAMPLES]
-            calibration = [collator(rows[i : i + 4]) for i in range(0, len(rows), 4)]
+            calibration = calibration_batches(train_examples, collator)
         handle = apply_sparselora(model, sparse_config, calibration=calibration)
         callbacks.append(SparseLoRACallback(handle))
     recorder = RunRecorder()
