@@ -15,7 +15,7 @@ from conftest import tiny_llama
 
 from sparselora.config import ConfigError, SparseLoRAConfig, get_preset
 from sparselora.engine.flops import PAPER_MODELS, ModelShape
-from sparselora.engine.savings import output_positions
+from sparselora.engine.state import output_positions
 from sparselora.perf.bench import parse_shape
 from sparselora.perf.composed import (
     PART_COLUMNS,
