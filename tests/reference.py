@@ -22,10 +22,10 @@ def install_masks(peft_model, selection, sparse_tokens, sparse_lora_branch=False
     hooks = []
 
     def out_hook(mask):
-        return lambda module, args, output: output * mask
+        return lambda module, args, output: output * mask.to(output.dtype)
 
     def in_hook(mask):
-        return lambda module, args: (args[0] * mask, *args[1:])
+        return lambda module, args: (args[0] * mask.to(args[0].dtype), *args[1:])
 
     for index, chosen in selection.items():
         layer = layers[index]

@@ -320,4 +320,5 @@ class SparseBlock:
 
 
 def _plus(y: torch.Tensor, delta: torch.Tensor | None) -> torch.Tensor:
-    return y if delta is None else y + delta.to(y.dtype)
+    """y + a LoRA delta, summed in the wider dtype and rounded once to y's, as PEFT does."""
+    return y if delta is None else (y + delta).to(y.dtype)
