@@ -30,4 +30,4 @@ bench: $(STAMP)
 	$(PY) benchmarks/bench_blocks.py
 
 demo: $(STAMP)
-	$(PY) -m sparselora.recipes.demo
+	$(PY) -m sparselora.cli demo

@@ -1,6 +1,6 @@
 """Measured effect of each exact saving alone (no channel sparsity), end to end.
 
-Runs `sparselora bench` (same model, batch, A/B interleaving) for four SparseLoRA configs with
+Runs `sparselora bench` (same model, batch, A B B A pairs) for four SparseLoRA configs with
 no sparse layer: both savings off (must match LoRA: the wrapping's own overhead), only
 `labelled_logits`, only `skip_unread_last_layer`, both. Prints one markdown row per variant:
 measured speedup over PEFT LoRA beside the FLOPs-predicted one.
@@ -57,12 +57,12 @@ def main() -> None:
                 threads=args.threads,
                 device="cpu",
             )
-            row = run_benchmark(config)["rows"][0]
+            row = run_benchmark(config).rows[0]
             print(
-                f"| {name} | {row['lora_median_s']:.3f} | {row['sparselora_median_s']:.3f} | "
-                f"{row['speedup']:.3f}x | {row['paired_speedup']:.3f}x | "
-                f"{row['predicted_speedup']:.3f}x | "
-                f"{row['paired_speedup'] / row['predicted_speedup']:.3f} |",
+                f"| {name} | {row.lora.median_s:.3f} | {row.sparselora.median_s:.3f} | "
+                f"{row.speedup:.3f}x | {row.paired_speedup:.3f}x | "
+                f"{row.predicted_speedup:.3f}x | "
+                f"{row.paired_speedup / row.predicted_speedup:.3f} |",
                 flush=True,
             )
 

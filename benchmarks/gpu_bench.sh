@@ -39,7 +39,7 @@ fi
 # Correctness first: the sparse blocks against the masked-dense reference and the exact
 # savings against the plain model (CPU fp32 tests), then a short sparse step on $DEVICE.
 if [ "${SKIP_TESTS:-0}" != "1" ]; then
-  "$PY" -m pytest -q tests/test_sparse_equivalence.py tests/test_savings.py > "$OUT/tests.log" 2>&1
+  "$PY" -m pytest -q tests/engine/test_sparse_equivalence.py tests/engine/test_savings.py > "$OUT/tests.log" 2>&1
 fi
 
 bench() {  # name, then bench arguments

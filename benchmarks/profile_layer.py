@@ -15,8 +15,9 @@ import contextlib
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from sparselora.perf.bench import parse_shape
-from sparselora.perf.composed import ComposedConfig, PartsModel
+from sparselora.perf.common import parse_shape
+from sparselora.perf.composed import ComposedConfig
+from sparselora.perf.parts import PartsModel
 
 
 def main() -> None:

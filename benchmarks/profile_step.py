@@ -1,12 +1,13 @@
 """Profile one LoRA and one SparseLoRA training step (torch.profiler) and say where time goes.
 
-Same model, batch and steps as `sparselora bench` (its loader, synthetic batch and StepRunner).
+Same model, batch and steps as `sparselora bench` (its loader, LoRA + SparseLoRA set-up,
+synthetic batch and StepRunner).
 Operator self-times are grouped into matmuls, gathers/scatters, copies/concatenation, attention,
 elementwise and other, and the estimator (channel selection) is reported from the handle's own
 timer. Prints a markdown table of seconds per group and method, and the top operators.
 
     python benchmarks/profile_step.py --shape 512,128 --batch-size 4 --repeats 3
-    python benchmarks/profile_step.py --model llama3-8b --random-weights --layers 2 ...
+    python benchmarks/profile_step.py --model DIR --random-weights --preset NAME ...
 """
 
 from __future__ import annotations
@@ -17,17 +18,11 @@ import statistics
 from collections import defaultdict
 
 import torch
-from peft import LoraConfig, get_peft_model
 from torch.profiler import ProfilerActivity, profile
 
-from sparselora import apply_sparselora, get_preset
-from sparselora.perf.bench import (
-    BenchConfig,
-    StepRunner,
-    load_bench_model,
-    parse_shape,
-    synthetic_batch,
-)
+from sparselora.perf.bench import BenchConfig, StepRunner
+from sparselora.perf.common import add_lora_and_sparselora, parse_shape, synthetic_batch
+from sparselora.recipes.loading import load_model
 
 GROUPS = {
     "matmul": ("aten::mm", "aten::addmm", "aten::bmm", "aten::matmul", "aten::linear"),
@@ -58,7 +53,7 @@ def profile_step(runner: StepRunner, method: str, batch) -> dict:
         groups[group_of(event.key)] += seconds
         ops.append((seconds, event.key, event.count))
     ops.sort(reverse=True)
-    return {"step_s": result["seconds"], "estimator_s": result["estimator_seconds"],
+    return {"step_s": result.seconds, "estimator_s": result.estimator_seconds,
             "groups": dict(groups), "top": ops[:12]}  # fmt: skip
 
 
@@ -75,21 +70,31 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
-    config = BenchConfig(model=args.model, random_weights=args.random_weights, device="cpu")
-    model = load_bench_model(config, torch.device("cpu"), torch.float32)
-    shape = parse_shape(args.shape)
-    vocab = model.config.vocab_size
-    model = get_peft_model(
-        model,
-        LoraConfig(r=32, lora_alpha=64, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"]),
+    cpu = torch.device("cpu")
+    config = BenchConfig(
+        model=args.model,
+        random_weights=args.random_weights,
+        sparselora=args.preset,
+        shapes=[args.shape],
+        batch_size=args.batch_size,
+        device="cpu",
+        dtype="float32",
     )
-    sparse = get_preset(args.preset)
-    calibration = [
-        synthetic_batch(vocab, args.batch_size, shape, "none", 100 + i) for i in range(2)
-    ]
-    handle = apply_sparselora(model, sparse, calibration=calibration, use_cache=False)
-    runner = StepRunner(model, handle, 1e-4, torch.device("cpu"))
-    batch = synthetic_batch(vocab, args.batch_size, shape, "none", 0)
+    shape = parse_shape(args.shape)
+    model = load_model(
+        config.model,
+        config.dtype,
+        config.attn_implementation,
+        device=cpu,
+        random_weights=config.random_weights,
+        seed=config.seed,
+    ).train()
+    vocab = model.config.vocab_size
+    model, handle, _ = add_lora_and_sparselora(
+        model, config, config.sparse_config(), vocab, shape, cpu
+    )
+    runner = StepRunner(model, handle, config.learning_rate, cpu)
+    batch = synthetic_batch(vocab, args.batch_size, shape, "none", config.seed)
     for method in ("lora", "sparselora"):  # warm-up
         runner.step(method, batch)
     runs = {"lora": [], "sparselora": []}

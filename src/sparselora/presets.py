@@ -1,5 +1,5 @@
 """Named SparseLoRA presets, as data: the paper's released configurations (docs/METHOD.md,
-"Presets") and ours, measured on the embedded model.
+section 9 'Presets') and ours, measured on the embedded model.
 
 Layer indices are 0-based; values are the fraction of channels removed. A preset sets which
 layers are sparse and how much; the estimator settings are the library defaults (whitened SVD,

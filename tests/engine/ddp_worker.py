@@ -1,4 +1,4 @@
-"""One rank of the 2-process DDP test (run by tests/test_ddp.py through torch.distributed.run)."""
+"""One rank of the 2-process DDP test (run by tests/engine/test_ddp.py through torch.distributed.run)."""
 
 from __future__ import annotations
 

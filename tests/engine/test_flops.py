@@ -20,9 +20,7 @@ from sparselora.engine.flops import (
     ModelShape,
     compare,
     flops_table,
-    format_markdown,
     load_shape,
-    main,
     preset_task,
     step_flops,
 )
@@ -233,23 +231,6 @@ def test_bad_arguments_are_refused():
         step_flops(TINY, 6, 7)
     with pytest.raises(ValueError, match="lora_targets"):
         step_flops(TINY, 6, 2, lora_targets=("qkv",))
-
-
-def test_markdown_table_and_cli(capsys):
-    rows = flops_table(presets=["llama3-8b-math10k", "llama3-8b-csr"])
-    table = format_markdown(rows).splitlines()
-    assert len(table) == 2 + len(rows)
-    assert "math (512, 128)" in table[2] and f"{rows[0]['speedup']:.2f}x" in table[2]
-
-    assert main(["--preset", "llama3-8b-math10k"]) == 0
-    assert capsys.readouterr().out.strip() == format_markdown(rows[:1])
-    main(["--preset", "llama3-8b-csr", "--model", "llama3.1-8b", "--seq-len", "256"])
-    assert "custom (256, 3)" in capsys.readouterr().out
-    main(["--all-presets", "--format", "json"])
-    assert len(json.loads(capsys.readouterr().out)) == len(PRESETS)
-    with pytest.raises(SystemExit):  # a 40-layer preset on a 32-layer model
-        main(["--preset", "llama2-13b-csr", "--model", "llama2-7b"])
-    assert "names layer 32" in capsys.readouterr().err
 
 
 # -- the counter against PyTorch's count of the real SparseLoRA step ------------------------

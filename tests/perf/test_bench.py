@@ -1,30 +1,23 @@
-"""`sparselora bench` end to end on a tiny model: output files, fields and their sanity (the
-format, not the speed), same-state steps, and clear errors for bad shapes."""
+"""`run_benchmark` end to end on a tiny model (output files, what each row reports, same-state
+steps), the row summary against hand-computed values, and which model is loaded."""
 
 from __future__ import annotations
 
 import csv
 import json
-import statistics
 
-import peft
 import pytest
 import torch
-import transformers
 import yaml
 from conftest import tiny_llama
 
-from sparselora import __version__
-from sparselora.config import ConfigError
-from sparselora.perf.bench import (
-    BenchConfig,
-    format_markdown,
-    load_bench_model,
-    main,
-    parse_shape,
-    saved_activation_bytes,
-    synthetic_batch,
-)
+from sparselora.config import ConfigError, SparseLoRAConfig
+from sparselora.engine.flops import ModelShape, step_flops
+from sparselora.perf import bench
+from sparselora.perf.bench import BenchConfig, Step, bench_row, run_benchmark
+from sparselora.perf.common import MIB, BenchShape
+from sparselora.perf.report import bench_markdown, write_bench
+from sparselora.recipes.loading import EMBEDDED_MODEL, load_model
 
 SPARSE = {
     "ffn_sparsity": {"1-2": 0.75},
@@ -49,168 +42,215 @@ def sparse_yaml(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def bench_run(tiny_dir, sparse_yaml, tmp_path_factory):
-    out = tmp_path_factory.mktemp("bench")
-    argv = [
-        "--model", str(tiny_dir), "--config", str(sparse_yaml), "--shapes", "32,8",
-        "--padding", "none", "left", "--batch-size", "2", "--warmup", "1", "--steps", "2",
-        "--device", "cpu", "--dtype", "float32", "--learning-rate", "0.05",
-        "--threads", "1",
-        "--output-dir", str(out),
-    ]  # fmt: skip
-    assert main(argv) == 0
-    return out
+def bench_results(tiny_dir, sparse_yaml):
+    config = BenchConfig(
+        model=str(tiny_dir), sparselora=str(sparse_yaml), shapes=["32,8"],
+        padding=["none", "left"], batch_size=2, warmup_steps=1, steps=2, device="cpu",
+        dtype="float32", learning_rate=0.05, threads=1,
+    )  # fmt: skip
+    return run_benchmark(config)
 
 
-def test_writes_json_csv_markdown_and_plot(bench_run, capsys):
-    results = json.loads((bench_run / "bench.json").read_text())
-    header, rows = results["header"], results["rows"]
-    assert header["torch"] == torch.__version__
-    assert header["transformers"] == transformers.__version__
-    assert header["peft"] == peft.__version__
-    assert header["sparselora"] == __version__
-    assert header["dtype"] == "float32" and header["device"] == "cpu"
-    assert header["cpu"] and header["gpu"] is None and header["threads"] == 1
-    assert header["date"][:4].isdigit()
-    assert header["sparselora_config"]["ffn_sparsity"] == {"1-2": 0.75}
-    assert [(r["shape"], r["padding"]) for r in rows] == [("32,8", "none"), ("32,8", "left")]
-
-    with (bench_run / "bench.csv").open() as f:
-        csv_rows = list(csv.DictReader(f))
-    assert len(csv_rows) == 2
-    assert float(csv_rows[0]["speedup"]) == pytest.approx(rows[0]["speedup"])
-    assert "lora_step_times" not in csv_rows[0]  # lists stay in the JSON
-
-    png = (bench_run / "bench.png").read_bytes()
-    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 5000
-    assert "| 32,8 (32, 8) | none" in (bench_run / "bench.md").read_text()
+def step(seconds, loss, estimator=0.0, ffn_kept=None, peak=None):
+    return Step(seconds, loss, estimator, ffn_kept, None, peak)
 
 
-def test_rows_are_sane(bench_run):
-    rows = json.loads((bench_run / "bench.json").read_text())["rows"]
+def test_row_summary_by_hand():
+    steps = {
+        "lora": [step(0.30, 2.0), step(0.20, 2.5), step(0.40, 3.0)],
+        "sparselora": [
+            step(0.10, 2.1, 0.01, 0.25, 2 * MIB),
+            step(0.25, 2.2, 0.03, 0.50, 4 * MIB),
+            step(0.20, 2.9, 0.02, None, 3 * MIB),
+        ],
+    }
+    row = bench_row(
+        BenchShape("8,2", 8, 2), "left", batch_size=2, real_tokens=12, steps=steps,
+        saved_bytes={"lora": 3 * MIB, "sparselora": 3 * MIB // 2},
+        flops={"lora": 6e12, "sparselora": 5e12}, dense_fraction=0.1, model="m", preset="p",
+    )  # fmt: skip
+    assert (row.lora.median_s, row.lora.min_s, row.lora.max_s) == (0.30, 0.20, 0.40)
+    assert (row.sparselora.median_s, row.sparselora.min_s, row.sparselora.max_s) == (
+        0.20,
+        0.10,
+        0.25,
+    )
+    assert row.lora.step_times == [0.30, 0.20, 0.40]
+    assert row.sparselora.losses == [2.1, 2.2, 2.9]
+    assert (row.lora.loss, row.sparselora.loss) == (2.5, 2.2)
+    assert row.speedup == pytest.approx(1.5)  # 0.30 / 0.20
+    assert row.paired_speedup == pytest.approx(2.0)  # median of 3.0, 0.8, 2.0
+    assert row.predicted_speedup == pytest.approx(1.2)  # 6 / 5 TFLOPs
+    assert row.fraction_of_predicted == pytest.approx(1.25)
+    assert (row.lora.tflops, row.sparselora.tflops) == (6.0, 5.0)
+    assert row.end_to_end_speedup == pytest.approx(1 / 0.7)  # 1 / (0.1 + 0.9 / 1.5)
+    assert row.dense_step_fraction == 0.1
+    assert row.estimator_s == 0.02 and row.estimator_share == pytest.approx(0.1)
+    assert row.lora.tokens_per_s == pytest.approx(40.0)  # 12 / 0.3
+    assert row.sparselora.tokens_per_s == pytest.approx(60.0)
+    assert (row.lora.saved_mib, row.sparselora.saved_mib) == (3.0, 1.5)
+    assert (row.lora.peak_mib, row.sparselora.peak_mib) == (None, 4.0)
+    assert row.ffn_kept == pytest.approx(0.375) and row.attn_kept is None  # mean of the known
+    assert (row.real_tokens, row.pad_fraction) == (12, 0.25)  # 12 of 2 x 8 tokens
+    assert (row.shape, row.seq_len, row.out_tokens, row.padding) == ("8,2", 8, 2, "left")
+    assert (row.model, row.preset) == ("m", "p")
+
+
+def test_measured_rows(bench_results, tiny_dir, sparse_yaml):
+    rows = bench_results.rows
+    assert [(r.shape, r.padding) for r in rows] == [("32,8", "none"), ("32,8", "left")]
     for row in rows:
-        assert len(row["lora_step_times"]) == len(row["sparselora_step_times"]) == 2
-        for method in ("lora", "sparselora"):
-            assert 0 < row[f"{method}_min_s"] <= row[f"{method}_median_s"] <= row[f"{method}_max_s"]
-            assert row[f"{method}_tokens_per_s"] == pytest.approx(
-                row["real_tokens"] / row[f"{method}_median_s"]
-            )
-            assert row[f"{method}_peak_mib"] is None  # no peak counter on CPU
-            assert row[f"{method}_saved_mib"] > 0
-        assert row["speedup"] == pytest.approx(row["lora_median_s"] / row["sparselora_median_s"])
-        times = zip(row["lora_step_times"], row["sparselora_step_times"], strict=True)
-        ratios = [a / b for a, b in times]
-        assert row["paired_speedup"] == pytest.approx(statistics.median(ratios))
-        assert row["predicted_speedup"] > 1.0
-        assert row["sparselora_tflops"] < row["lora_tflops"]
-        assert row["fraction_of_predicted"] == pytest.approx(
-            row["speedup"] / row["predicted_speedup"]
-        )
-        assert 0 < row["estimator_share"] < 1
-        assert row["ffn_kept"] == pytest.approx(24 / 96)  # 75% of 96 FFN channels removed
-        assert row["attn_kept"] == pytest.approx(0.5)
-        assert row["dense_step_fraction"] == pytest.approx(0.1)
-        # A tenth of the run dense: between no speedup and the full sparse speedup.
-        assert min(1.0, row["speedup"]) <= row["end_to_end_speedup"] <= max(1.0, row["speedup"])
+        for result in (row.lora, row.sparselora):
+            assert len(result.step_times) == len(result.losses) == 2
+            assert result.peak_mib is None  # no peak counter on CPU
+            assert result.saved_mib > 0
+        assert row.predicted_speedup > 1.0
+        assert 0 < row.estimator_s < row.sparselora.median_s
+        assert row.ffn_kept == pytest.approx(24 / 96)  # 75% of 96 FFN channels removed
+        assert row.attn_kept == pytest.approx(0.5)
+        assert row.dense_step_fraction == pytest.approx(0.1)  # start_step 0.1, end_step 1.0
+        assert (row.model, row.preset) == (str(tiny_dir), str(sparse_yaml))
     none, left = rows
-    assert none["pad_fraction"] == 0 and none["real_tokens"] == 2 * 32
-    assert 0 < left["pad_fraction"] < 1 and left["real_tokens"] < 2 * 32
+    assert none.pad_fraction == 0 and none.real_tokens == 2 * 32
+    assert 0 < left.pad_fraction < 1 and left.real_tokens < 2 * 32
+    # The unpadded row's prediction is the analytic model's at that shape, rank and config.
+    shape = ModelShape.from_config(tiny_llama(layers=3).config)
+    lora, sparse = (
+        step_flops(shape, 32, 8, 2, lora_rank=32, config=c)["total"]
+        for c in (None, SparseLoRAConfig(**SPARSE))
+    )
+    assert none.lora.tflops == lora / 1e12 and none.sparselora.tflops == sparse / 1e12
 
 
-def test_every_step_starts_from_the_same_adapter_state(bench_run):
+def test_every_step_starts_from_the_same_adapter_state(bench_results):
     """Weights are restored before each step, so repeated steps give the same loss even though
     the optimizer moves the adapters by a lot (learning rate 0.05); SparseLoRA's loss is close
     to LoRA's but not equal (it is sparse)."""
-    for row in json.loads((bench_run / "bench.json").read_text())["rows"]:
-        for method in ("lora", "sparselora"):
-            losses = row[f"{method}_losses"]
-            assert losses[0] == pytest.approx(losses[1], rel=1e-6, abs=0)
-        assert row["sparselora_loss"] != row["lora_loss"]
-        assert row["sparselora_loss"] == pytest.approx(row["lora_loss"], rel=0.2)
+    for row in bench_results.rows:
+        for result in (row.lora, row.sparselora):
+            assert result.losses[0] == pytest.approx(result.losses[1], rel=1e-6, abs=0)
+        assert row.sparselora.loss != row.lora.loss
+        assert row.sparselora.loss == pytest.approx(row.lora.loss, rel=0.2)
 
 
-def test_synthetic_batch_labels_the_last_out_tokens():
-    shape = parse_shape("40,6")
-    batch = synthetic_batch(97, 4, shape, "left", seed=3)
-    ids, mask, labels = batch["input_ids"], batch["attention_mask"], batch["labels"]
-    assert ids.shape == mask.shape == labels.shape == (4, 40)
-    assert torch.equal(labels[:, -6:], ids[:, -6:])
-    assert (labels[:, :-6] == -100).all()
-    real = mask.sum(dim=1)
-    assert (real >= 7).all() and (real <= 40).all() and (real < 40).any()
-    for row, length in enumerate(real.tolist()):  # left padding: pads first, then real tokens
-        assert (mask[row, 40 - length :] == 1).all() and (ids[row, : 40 - length] == 0).all()
-    unpadded = synthetic_batch(97, 4, shape, "none", seed=3)
-    assert unpadded["attention_mask"].all()
+def test_writes_json_csv_markdown_and_plot(bench_results, tiny_dir, tmp_path):
+    paths = write_bench(bench_results, tmp_path)
+    assert paths == {
+        "json": tmp_path / "bench.json",
+        "csv": tmp_path / "bench.csv",
+        "markdown": tmp_path / "bench.md",
+        "plot": tmp_path / "bench.png",
+    }
+    results = json.loads(paths["json"].read_text())
+    header, rows = results["header"], results["rows"]
+    assert header["dtype"] == "float32" and header["device"] == "cpu" and header["threads"] == 1
+    assert header["sparselora_config"]["ffn_sparsity"] == {"1-2": 0.75}
+    assert header["bench_config"]["steps"] == 2 and header["random_weights"] is False
+    assert header["model_shape"]["num_layers"] == 3
+    assert rows[1]["lora_step_times"] == bench_results.rows[1].lora.step_times
+    assert rows[0]["sparselora_median_s"] == bench_results.rows[0].sparselora.median_s
+
+    with paths["csv"].open() as f:
+        csv_rows = list(csv.DictReader(f))
+    assert [r["padding"] for r in csv_rows] == ["none", "left"]
+    assert float(csv_rows[0]["speedup"]) == pytest.approx(bench_results.rows[0].speedup)
+    assert "lora_step_times" not in csv_rows[0]  # lists stay in the JSON
+
+    png = paths["plot"].read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 5000
+    markdown = paths["markdown"].read_text()
+    assert "| 32,8 (32, 8) | none (0% pad) |" in markdown
+    assert markdown.startswith(f"{tiny_dir.name} · sparse.yaml · ")
+    assert " · float32, 1 threads · " in markdown.splitlines()[0]
 
 
-def test_saved_activation_bytes_counts_distinct_non_parameter_storages():
-    linear = torch.nn.Linear(10, 20, bias=False)
-    x = torch.randn(5, 10)
-    with saved_activation_bytes(linear) as seen:
-        y = linear(x)  # saves x (5*10 floats) for the weight gradient
-        z = y.exp()  # saves its output (5*20 floats)
-        z.sin()  # saves z again: the same storage counts once
-    assert sum(seen.values()) == 4 * (5 * 10 + 5 * 20)
-    linear.weight.requires_grad_(False)
-    with saved_activation_bytes(linear) as seen:
-        linear(x.requires_grad_())  # saves only the (frozen) weight: a parameter, not counted
-    assert sum(seen.values()) == 0
+def test_markdown_shows_na_for_missing_memory(bench_results):
+    rows = bench_results.rows
+    lines = bench_markdown(rows).splitlines()
+    assert len(lines) == 2 + len(rows)
+    assert "speedup" in lines[0] and "estimator" in lines[0]
+    assert "n/a → n/a" in lines[2]  # CPU peak memory
+    assert f"| {rows[0].speedup:.2f}x | {rows[0].paired_speedup:.2f}x |" in lines[2]
 
 
-def test_named_and_custom_shapes():
-    assert (parse_shape("math").seq_len, parse_shape("math").out_tokens) == (512, 128)
-    assert (parse_shape("commonsense").seq_len, parse_shape("commonsense").out_tokens) == (512, 3)
-    assert (parse_shape("code").seq_len, parse_shape("chat").seq_len) == (1024, 2048)
-    custom = parse_shape("256,64")
-    assert (custom.name, custom.seq_len, custom.out_tokens) == ("256,64", 256, 64)
-
-
-@pytest.mark.parametrize("bad", ["huge", "512", "8,8", "10,0", "a,b"])
-def test_bad_shape_is_a_clear_error(bad):
-    with pytest.raises(ConfigError, match="shape"):
-        parse_shape(bad)
-    with pytest.raises(ConfigError, match="shape"):
-        BenchConfig(shapes=[bad])
-
-
-def test_cli_bad_shape_lists_the_allowed_names(capsys):
-    with pytest.raises(SystemExit) as exit_info:
-        main(["--shapes", "math", "huge", "--config", "unused.yaml"])
-    assert exit_info.value.code == 2
-    message = capsys.readouterr().err
-    assert "'huge'" in message
-    for name in ("math", "commonsense", "code", "chat", "L,out"):
-        assert name in message
-
-
-def test_bad_values_name_the_field():
-    with pytest.raises(ConfigError, match="padding"):
+def test_padding_is_checked_and_deduplicated():
+    assert BenchConfig(padding=["left", "none", "left"]).padding == ["left", "none"]
+    with pytest.raises(ConfigError, match=r"padding = \['right'\] is not allowed"):
         BenchConfig(padding=["right"])
-    with pytest.raises(ConfigError, match="steps"):
-        BenchConfig(steps=0)
-    with pytest.raises(ConfigError, match="lora_targets"):
-        BenchConfig(lora_targets=["qkv"])
-    with pytest.raises(ConfigError, match="unknown preset"):
-        BenchConfig(sparselora="no-such-preset").sparse_config()
+    with pytest.raises(ConfigError, match="random_weights must be true or false"):
+        BenchConfig(random_weights="yes")
 
 
-def test_random_weights_keep_the_shape(tiny_dir):
-    config = BenchConfig(model=str(tiny_dir), random_weights=True, seed=5)
-    random_model = load_bench_model(config, torch.device("cpu"), torch.float32)
-    trained = load_bench_model(BenchConfig(model=str(tiny_dir)), torch.device("cpu"), torch.float32)
-    assert random_model.training and trained.training
+class _Loaded(Exception):
+    pass
+
+
+def test_run_benchmark_loads_the_named_model(monkeypatch):
+    """A paper alias with random weights, the embedded model and a local directory all go to
+    the one loader with the config's dtype, attention, device and seed."""
+    calls = []
+
+    def spy(name, dtype, attn_implementation, **kwargs):
+        calls.append((name, dtype, attn_implementation, kwargs))
+        raise _Loaded
+
+    monkeypatch.setattr(bench, "load_model", spy)
+    cpu = torch.device("cpu")
+    for model, random_weights in (("llama3-8b", True), (EMBEDDED_MODEL, False), ("a/dir", False)):
+        config = BenchConfig(model=model, random_weights=random_weights, device="cpu", seed=7)
+        with pytest.raises(_Loaded):
+            run_benchmark(config)
+    assert calls == [
+        ("llama3-8b", "auto", "sdpa", {"device": cpu, "random_weights": True, "seed": 7}),
+        (EMBEDDED_MODEL, "auto", "sdpa", {"device": cpu, "random_weights": False, "seed": 7}),
+        ("a/dir", "auto", "sdpa", {"device": cpu, "random_weights": False, "seed": 7}),
+    ]
+
+
+def test_random_weights_of_a_paper_alias_and_a_local_dir(tiny_dir):
+    llama = load_model("llama3-8b", "bfloat16", device="meta", random_weights=True)  # no memory
+    assert (llama.config.hidden_size, llama.config.num_hidden_layers) == (4096, 32)
+    assert llama.config.vocab_size == 128256
+    random_model = load_model(str(tiny_dir), "float32", random_weights=True, seed=5)
+    trained = load_model(str(tiny_dir), "float32")
     random_weight = random_model.model.layers[0].mlp.up_proj.weight
     trained_weight = trained.model.layers[0].mlp.up_proj.weight
     assert random_weight.shape == trained_weight.shape == (96, 64)
     assert not torch.equal(random_weight, trained_weight)
 
 
-def test_markdown_shows_na_for_missing_memory(bench_run):
-    rows = json.loads((bench_run / "bench.json").read_text())["rows"]
-    table = format_markdown(rows)
-    lines = table.splitlines()
-    assert len(lines) == 2 + len(rows)
-    assert "speedup" in lines[0] and "estimator" in lines[0]
-    assert "n/a → n/a" in lines[2]  # CPU peak memory
-    assert f"{rows[0]['speedup']:.2f}x" in lines[2]
+class ScriptedRunner:
+    """Stands in for `StepRunner`: records the order of the steps and gives each a scripted
+    duration (a warm-up step 100 s, so a warm-up step counted as timed would show)."""
+
+    device = torch.device("cpu")
+
+    def __init__(self, warmup_steps: int) -> None:
+        self.warmup_steps = warmup_steps
+        self.calls: list[str] = []
+
+    def step(self, method, batch):
+        self.calls.append(method)
+        warm = len(self.calls) <= 2 * self.warmup_steps
+        seconds = 100.0 if warm else {"lora": 1.0, "sparselora": 0.5}[method] * len(self.calls)
+        return Step(seconds, 1.0, 0.0, None, None, None)
+
+    def saved_bytes(self, method, batch):
+        return MIB
+
+
+def test_measure_row_runs_pairs_in_order_and_times_only_the_timed_ones():
+    config = BenchConfig(warmup_steps=1, steps=3, batch_size=2)
+    runner = ScriptedRunner(warmup_steps=1)
+    shape = ModelShape.from_config(tiny_llama(layers=3).config)
+    row = bench.measure_row(
+        runner, config, SparseLoRAConfig(**SPARSE), shape, BenchShape("32,8", 32, 8), "none"
+    )
+    A, B = "lora", "sparselora"
+    assert runner.calls == [A, B, B, A, A, B, B, A]
+    # Timed steps are calls 3-8: LoRA at calls 4, 5, 8 (1 s x call), SparseLoRA at 3, 6, 7
+    # (0.5 s x call); the i-th steps of both methods are the i-th timed pair.
+    assert row.lora.step_times == [4.0, 5.0, 8.0]
+    assert row.sparselora.step_times == [1.5, 3.0, 3.5]
+    assert row.paired_speedup == pytest.approx(16 / 7)  # median of 4/1.5, 5/3, 8/3.5
+    assert row.speedup == pytest.approx(5 / 3)  # median 5 s / median 3 s

@@ -1,6 +1,6 @@
-"""The composed step-time benchmark on a tiny random LLaMA shape: layer kinds from a preset, the
-parts really run sparse, the head's labelled-logits path is exact, the composition arithmetic,
-the output files, the whole-model validation end to end, and clear errors."""
+"""The composed benchmark: part rows and the composed step against hand-computed values, a whole
+run (with validation) on a tiny random LLaMA shape under a fake clock, the output files, the
+defaults and clear errors."""
 
 from __future__ import annotations
 
@@ -13,30 +13,23 @@ import torch
 import yaml
 from conftest import tiny_llama
 
-from sparselora.config import ConfigError, SparseLoRAConfig, get_preset
-from sparselora.engine.flops import PAPER_MODELS, ModelShape
-from sparselora.engine.state import output_positions
-from sparselora.perf.bench import parse_shape
+from sparselora.config import ConfigError
+from sparselora.engine.flops import PAPER_MODELS
+from sparselora.perf import common
+from sparselora.perf.bench import BenchRow, MethodResult
+from sparselora.perf.common import BenchShape
 from sparselora.perf.composed import (
-    PART_COLUMNS,
     ComposedConfig,
-    LayerKind,
-    PartsModel,
-    layer_kinds,
-    layer_spec,
-    main,
-    parts_config,
-    summarize,
+    compose,
+    measure_parts,
+    part_row,
+    run_composed,
 )
+from sparselora.perf.parts import LayerKind, Part
+from sparselora.perf.report import write_composed
 
-# A 6-layer tiny model: dense 0-1, FFN-only 2, FFN + attention 3-4, dense last layer 5.
 SPARSE = {"ffn_sparsity": {"2-4": 0.75}, "attn_sparsity": {"3-4": 0.5}, "estimator_rank": 4}
-KINDS = {
-    LayerKind(None, None, False): [0, 1],
-    LayerKind(0.75, None, False): [2],
-    LayerKind(0.75, 0.5, False): [3, 4],
-    LayerKind(None, None, True): [5],
-}
+TICK = 0.5  # seconds per call of the fake clock (exact in binary)
 
 
 @pytest.fixture(scope="module")
@@ -53,268 +46,231 @@ def sparse_yaml(tmp_path_factory):
     return path
 
 
+class FakeClock:
+    """Advances by TICK on every call, so every timed region lasts exactly TICK."""
+
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        self.now += TICK
+        return self.now
+
+
 @pytest.fixture(scope="module")
-def composed_run(tiny_dir, sparse_yaml, tmp_path_factory):
-    out = tmp_path_factory.mktemp("composed")
-    argv = [
-        "--model", str(tiny_dir), "--config", str(sparse_yaml), "--shapes", "32,8",
-        "--batch-size", "2", "--warmup", "1", "--steps", "3", "--lora-rank", "4",
-        "--device", "cpu", "--dtype", "float32", "--threads", "1", "--validate",
-        "--output-dir", str(out),
-    ]  # fmt: skip
-    assert main(argv) == 0
-    return out
-
-
-def parts_model(tiny_dir, attn_impl="sdpa", fields=SPARSE) -> PartsModel:
+def composed_results(tiny_dir, sparse_yaml):
     config = ComposedConfig(
-        model=str(tiny_dir), batch_size=2, shapes=["32,8"], lora_rank=4, device="cpu",
-        dtype="float32", attn_implementation=attn_impl,
+        model=str(tiny_dir), sparselora=str(sparse_yaml), shapes=["32,8"], batch_size=2,
+        warmup_steps=1, steps=3, lora_rank=4, device="cpu", dtype="float32", threads=1,
+        validate=True,
     )  # fmt: skip
-    sparse = SparseLoRAConfig(**fields, estimator="svd")
-    return PartsModel(config, sparse, config.model_shape(), torch.device("cpu"), torch.float32)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(common, "perf_counter", FakeClock())
+        return run_composed(config)
 
 
-def test_kinds_of_llama3_8b_math10k():
-    kinds = layer_kinds(get_preset("llama3-8b-math10k"), 32)
-    assert list(kinds.items()) == [
-        (LayerKind(None, None, False), [0, 1, 2]),
-        (LayerKind(0.99, None, False), [*range(3, 14), 20, 24, 30]),
-        (LayerKind(0.99, 0.75, False), [*range(14, 20), 21, 22, 23, *range(25, 30)]),
-        (LayerKind(None, None, True), [31]),
-    ]
-    specs = [layer_spec(layers) for layers in kinds.values()]
-    assert specs == ["0-2", "3-13,20,24,30", "14-19,21-23,25-29", "31"]
-    labels = [kind.label for kind in kinds]
-    assert labels == ["dense", "FFN 0.99", "FFN 0.99 + attn 0.75", "dense, last layer"]
-
-    # Without the last-layer saving, layer 31 is an ordinary dense layer.
-    no_skip = SparseLoRAConfig.from_preset("llama3-8b-math10k", skip_unread_last_layer=False)
-    assert layer_kinds(no_skip, 32)[LayerKind(None, None, False)] == [0, 1, 2, 31]
-    assert len(layer_kinds(no_skip, 32)) == 3
+def part(name: str, count: int, kind: LayerKind | None = None, layers=()) -> Part:
+    return Part(name, name, count, lambda: None, lambda: None, kind, list(layers))
 
 
-def test_parts_config_puts_each_kind_on_its_parts_layer():
-    preset = get_preset("llama3-8b-math10k")
-    config = parts_config(preset, list(layer_kinds(preset, 32)))
-    assert config.layer_sparsity(4) == ({1: 0.99, 2: 0.99}, {2: 0.75})
-    assert config.ffn_criterion == preset.ffn_criterion
-    assert config.estimator_rank == preset.estimator_rank
-    assert config.skip_unread_last_layer and config.labelled_logits
-
-
-def test_layer_spec():
-    assert layer_spec([5, 0, 1, 2, 7, 8]) == "0-2,5,7-8"
-    assert layer_spec([31]) == "31"
-    assert layer_spec([]) == ""
-
-
-@pytest.mark.parametrize("attn_impl", ["sdpa", "eager"])
-def test_sparse_parts_run_sparse_and_dense_parts_do_not(tiny_dir, attn_impl):
-    model = parts_model(tiny_dir, attn_impl)
-    assert dict(model.kinds) == KINDS
-    parts = model.parts(parse_shape("32,8"))
-    assert [p.part for p in parts] == ["inputs"] + ["layer"] * 4 + ["lm_head", "optimizer"]
-    assert [p.count for p in parts] == [1, 2, 1, 2, 1, 1, 1]
-    model.check_sparse_path(parts)  # raises if a sparse part ran dense or a dense one changed
-
-    layer_parts = [p for p in parts if p.part == "layer"]
-    with torch.no_grad():
-        _, ffn_only = layer_parts[1].forward()
-        _, both = layer_parts[2].forward()
-    assert set(ffn_only) == {"gate_proj", "up_proj", "down_proj"}
-    assert len(ffn_only["gate_proj"]) == 24  # 75% of 96 FFN channels removed
-    assert {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj"} <= set(both)
-
-    # Last layer: positions no loss reads keep only the residual (q, o and FFN skipped); read
-    # positions compute what the dense layer computes.
-    last = layer_parts[3]
-    x = last.x  # (B, L, H)
-    with torch.no_grad():
-        sparse_out, _ = last.forward()
-        with model.handle.dense():
-            dense_out, _ = last.forward()
-    labels = torch.full((2, 32), -100)
-    labels[:, -8:] = 1
-    read = output_positions(labels)
-    assert torch.equal(sparse_out[~read], x[~read])
-    torch.testing.assert_close(sparse_out[read], dense_out[read], rtol=1e-5, atol=1e-5)
-
-    model.handle.disable()  # the sparse parts now run dense: the check must notice
-    with pytest.raises(RuntimeError, match="did not run as its kind says"):
-        model.check_sparse_path(parts)
-    model.remove()
-
-
-def test_a_sparse_last_layer_skips_its_ffn_and_passes_the_check(tiny_dir):
-    """FFN sparsity on the last layer (as in the SmolLM2 preset): its context tokens skip the
-    FFN, so it chooses no FFN channels, and that is what the check must expect."""
-    model = parts_model(tiny_dir, fields={"ffn_sparsity": {"4-5": 0.75}, "estimator_rank": 4})
-    assert LayerKind(0.75, None, True) in model.kinds
-    model.check_sparse_path(model.parts(parse_shape("32,8")))
-    model.remove()
-
-
-def test_head_with_labelled_logits_is_exact(tiny_dir):
-    """The SparseLoRA head part (labelled positions only) gives the LoRA head's loss and input
-    gradient: the part times a saving, not a different computation."""
-    model = parts_model(tiny_dir)
-    labels = torch.full((2, 32), -100)
-    labels[:, -8:] = torch.randint(0, 97, (2, 8))
-    hidden = torch.randn(2, 32, 64, requires_grad=True)
-    losses, grads, head_rows = {}, {}, {}
-    head = model.model.lm_head
-    for method in ("lora", "sparselora"):
-        hidden.grad = None
-        hook = head.register_forward_hook(
-            lambda module, args, out, method=method: head_rows.update({method: args[0].shape})
-        )
-        with model.handle.dense() if method == "lora" else contextlib.nullcontext():
-            losses[method] = model.head_loss(hidden, labels)
-        hook.remove()
-        losses[method].backward()
-        grads[method] = hidden.grad.clone()
-    torch.testing.assert_close(losses["sparselora"], losses["lora"], rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(grads["sparselora"], grads["lora"], rtol=1e-5, atol=1e-7)
-    assert grads["lora"][:, :-9].abs().sum() == 0  # context positions feed no logit
-    assert head_rows == {"lora": (2, 32, 64), "sparselora": (2 * 8, 64)}
-    model.remove()
-
-
-def test_optimizer_part_covers_the_full_models_adapters(tiny_dir):
-    model = parts_model(tiny_dir)
-    model.parts(parse_shape("32,8"))
-    shape = ModelShape.from_config(tiny_llama(layers=6).config)
-    dims = shape.projections()
-    per_layer = sum(4 * (dims[p][0] + dims[p][1]) for p in ("q_proj", "k_proj", "v_proj", "o_proj"))
-    assert model.lora_parameters == 6 * per_layer  # six layers, although the parts model has 4
-    model.remove()
+def test_part_row_by_hand():
+    kind = LayerKind(0.75, 0.5, False)
+    row = part_row(
+        "math",
+        part("layer", 3, kind, [3, 4, 7]),
+        {"lora": [0.4, 0.2, 0.3], "sparselora": [0.1, 0.3, 0.2]},
+        estimator=[0.02, 0.01, 0.05],
+    )
+    assert (row.lora.median_s, row.lora.min_s, row.lora.max_s) == (0.3, 0.2, 0.4)
+    assert (row.sparselora.median_s, row.sparselora.min_s, row.sparselora.max_s) == (0.2, 0.1, 0.3)
+    assert row.lora.total_s == pytest.approx(0.9) and row.sparselora.total_s == pytest.approx(0.6)
+    assert row.ratio == pytest.approx(1.5)
+    assert row.sparselora_estimator_s == 0.02
+    assert row.lora.times == [0.4, 0.2, 0.3]
+    assert (row.layers, row.count, row.ffn_sparsity, row.attn_sparsity) == ("3-4,7", 3, 0.75, 0.5)
+    assert row.last_layer is False
+    head = part_row("math", part("lm_head", 1), {"lora": [2.0], "sparselora": [0.5]}, [0.0])
+    assert (head.layers, head.ffn_sparsity, head.last_layer) == ("", None, None)
 
 
 def test_composition_by_hand():
-    def part(count, lora, sparse, estimator=0.0):
-        return {
-            "count": count,
-            "lora_median_s": lora,
-            "sparselora_median_s": sparse,
-            "sparselora_estimator_s": estimator,
-        }
+    def row(count, lora, sparse, estimator=0.0):
+        return part_row(
+            "math", part("layer", count), {"lora": [lora], "sparselora": [sparse]}, [estimator]
+        )
 
     parts = [
-        part(1, 0.001, 0.001),  # inputs
-        part(3, 1.0, 1.0),  # dense layers
-        part(14, 1.0, 0.5, 0.01),  # FFN-only layers
-        part(14, 1.0, 0.4, 0.02),  # FFN + attention layers
-        part(1, 1.0, 0.8),  # last layer
-        part(1, 2.0, 0.5),  # LM head + loss
-        part(1, 0.3, 0.3),  # optimizer
+        row(1, 0.001, 0.001),  # inputs
+        row(3, 1.0, 1.0),  # dense layers
+        row(14, 1.0, 0.5, 0.01),  # FFN-only layers
+        row(14, 1.0, 0.4, 0.02),  # FFN + attention layers
+        row(1, 1.0, 0.8),  # last layer
+        row(1, 2.0, 0.5),  # LM head + loss
+        row(1, 0.3, 0.3),  # optimizer
     ]
-    lora = 0.001 + 3 + 14 + 14 + 1 + 2 + 0.3
-    sparse = 0.001 + 3 + 7 + 5.6 + 0.8 + 0.5 + 0.3
-    row = summarize(parts, {"lora": 3e12, "sparselora": 1.5e12}, tokens=512)
-    assert row["lora_step_s"] == pytest.approx(lora)
-    assert row["sparselora_step_s"] == pytest.approx(sparse)
-    assert row["speedup"] == pytest.approx(lora / sparse)
-    assert row["predicted_speedup"] == pytest.approx(2.0)
-    assert row["fraction_of_predicted"] == pytest.approx(lora / sparse / 2.0)
-    assert row["estimator_s"] == pytest.approx(14 * 0.01 + 14 * 0.02)
-    assert row["estimator_share"] == pytest.approx(0.42 / sparse)
-    assert row["lora_tokens_per_s"] == pytest.approx(512 / lora)
-    assert row["sparselora_tokens_per_s"] == pytest.approx(512 / sparse)
-    assert row["lora_tflops"] == pytest.approx(3.0)
-    assert row["measured_lora_step_s"] is None and row["lora_composed_over_measured"] is None
+    lora = 34.301  # 0.001 + 3 + 14 + 14 + 1 + 2 + 0.3
+    sparse = 17.201  # 0.001 + 3 + 7 + 5.6 + 0.8 + 0.5 + 0.3
+    shape = BenchShape("math", 512, 128)
+    flops = {"lora": 3e12, "sparselora": 1.5e12}
+    composed = compose(shape, 1, parts, flops, model="llama3-8b", preset="p")
+    assert composed.lora.step_s == pytest.approx(lora)
+    assert composed.sparselora.step_s == pytest.approx(sparse)
+    assert composed.speedup == pytest.approx(lora / sparse)
+    assert composed.predicted_speedup == 2.0
+    assert composed.fraction_of_predicted == pytest.approx(lora / sparse / 2.0)
+    assert composed.estimator_s == pytest.approx(0.42)  # 14 x 0.01 + 14 x 0.02
+    assert composed.estimator_share == pytest.approx(0.42 / sparse)
+    assert composed.tokens == 512
+    assert composed.lora.tokens_per_s == pytest.approx(512 / lora)
+    assert composed.sparselora.tokens_per_s == pytest.approx(512 / sparse)
+    assert (composed.lora.tflops, composed.sparselora.tflops) == (3.0, 1.5)
+    assert composed.measured_lora_step_s is None and composed.lora_composed_over_measured is None
 
-    measured = {"lora_median_s": 30.0, "sparselora_median_s": 20.0, "speedup": 1.5}
-    row = summarize(parts, {"lora": 3e12, "sparselora": 1.5e12}, 512, measured)
-    assert row["measured_speedup"] == 1.5
-    assert row["lora_composed_over_measured"] == pytest.approx(lora / 30.0)
-    assert row["sparselora_composed_over_measured"] == pytest.approx(sparse / 20.0)
+    def measured(median_s: float) -> MethodResult:
+        return MethodResult(median_s, median_s, median_s, 0, 0, None, 0, 0, [median_s], [0])
+
+    whole = BenchRow(
+        "math", 512, 128, "none", 1, 512, 0.0, measured(30.0), measured(20.0), 1.5, 1.5, 2.0,
+        0.75, 1.5, 0.0, 0.0, 0.0, None, None, "llama3-8b", "p",
+    )  # fmt: skip
+    validated = compose(shape, 1, parts, flops, whole)
+    assert (validated.measured_lora_step_s, validated.measured_sparselora_step_s) == (30.0, 20.0)
+    assert validated.measured_speedup == 1.5
+    assert validated.lora_composed_over_measured == pytest.approx(34.301 / 30.0)
+    assert validated.sparselora_composed_over_measured == pytest.approx(17.201 / 20.0)
 
 
-def test_writes_json_csv_and_markdown(composed_run):
-    results = json.loads((composed_run / "composed.json").read_text())
+def test_composed_step_is_the_parts_under_a_fake_clock(composed_results):
+    """Every timed run lasts one tick, so each part's median is one tick for both methods and
+    the composed step is one tick per layer plus inputs, head and optimizer: 6 + 3 = 9 ticks."""
+    (row,) = composed_results.rows
+    parts = composed_results.parts
+    assert [(p.part, p.count) for p in parts] == [
+        ("inputs", 1),
+        ("layer", 2),
+        ("layer", 1),
+        ("layer", 2),
+        ("layer", 1),
+        ("lm_head", 1),
+        ("optimizer", 1),
+    ]
+    for p in parts:
+        assert p.lora.times == p.sparselora.times == [TICK] * 3  # the timed repeats only
+        assert (p.lora.total_s, p.ratio) == (p.count * TICK, 1.0)
+    assert row.lora.step_s == row.sparselora.step_s == 9 * TICK
+    assert row.speedup == 1.0 and row.tokens == 64
+    assert row.lora.tokens_per_s == 64 / (9 * TICK)
+    assert row.predicted_speedup > 1.0
+    assert row.lora.tflops > row.sparselora.tflops
+
+
+def test_validation_compares_with_the_whole_model_step(composed_results):
+    """The whole-model steps ran under the same clock: one tick each, so composed / measured is
+    the 9 ticks of the composed step over 1."""
+    (row,) = composed_results.rows
+    assert row.measured_lora_step_s == row.measured_sparselora_step_s == TICK
+    assert row.measured_speedup == 1.0
+    assert row.lora_composed_over_measured == row.sparselora_composed_over_measured == 9.0
+
+
+def test_writes_json_csv_and_markdown(composed_results, tmp_path):
+    paths = write_composed(composed_results, tmp_path)
+    results = json.loads(paths["json"].read_text())
     header, rows, parts = results["header"], results["rows"], results["parts"]
-    assert header["torch"] == torch.__version__ and header["device"] == "cpu"
-    assert header["threads"] == 1 and header["dtype"] == "float32"
+    assert header["device"] == "cpu" and header["threads"] == 1 and header["dtype"] == "float32"
     assert header["model_shape"]["num_layers"] == 6
     assert [k["layers"] for k in header["layer_kinds"]] == ["0-1", "2", "3-4", "5"]
     assert header["sparselora_config"]["ffn_sparsity"] == {"2-4": 0.75}
     assert header["composed_config"]["validate"] is True
+    assert header["lora_parameters"] == 6 * 1792
     assert [p["part"] for p in parts] == ["inputs"] + ["layer"] * 4 + ["lm_head", "optimizer"]
     assert [p["layers"] for p in parts if p["part"] == "layer"] == ["0-1", "2", "3-4", "5"]
+    assert rows[0]["lora_step_s"] == 9 * TICK and parts[1]["lora_total_s"] == 2 * TICK
 
-    with (composed_run / "composed.csv").open() as f:
-        csv_rows = list(csv.DictReader(f))
-    assert len(csv_rows) == 1
-    assert float(csv_rows[0]["speedup"]) == pytest.approx(rows[0]["speedup"])
-    with (composed_run / "composed_parts.csv").open() as f:
-        reader = csv.DictReader(f)
-        part_rows = list(reader)
-    assert reader.fieldnames == PART_COLUMNS
+    with paths["csv"].open() as f:
+        (csv_row,) = list(csv.DictReader(f))
+    assert float(csv_row["lora_composed_over_measured"]) == 9.0
+    with paths["parts_csv"].open() as f:
+        part_rows = list(csv.DictReader(f))
     assert [r["label"] for r in part_rows] == [p["label"] for p in parts]
+    assert "lora_times" not in part_rows[0]  # lists stay in the JSON
 
-    markdown = (composed_run / "composed.md").read_text()
-    assert "| 32,8 (32, 8) | 2 |" in markdown
-    assert "| layer: FFN 0.75 + attn 0.5 | 3-4 | 2 |" in markdown
-    assert "composed/measured SparseLoRA" in markdown
-
-
-def test_composed_rows_are_the_sums_of_the_parts(composed_run):
-    results = json.loads((composed_run / "composed.json").read_text())
-    (row,) = results["rows"]
-    parts = results["parts"]
-    for method in ("lora", "sparselora"):
-        total = sum(p["count"] * p[f"{method}_median_s"] for p in parts)
-        assert row[f"{method}_step_s"] == pytest.approx(total)
-        for p in parts:
-            assert len(p[f"{method}_times"]) == 3
-            assert 0 < p[f"{method}_min_s"] <= p[f"{method}_median_s"] <= p[f"{method}_max_s"]
-    assert row["speedup"] == pytest.approx(row["lora_step_s"] / row["sparselora_step_s"])
-    assert row["predicted_speedup"] > 1.0
-    assert 0 < row["estimator_share"] < 1
-    assert row["tokens"] == 64
-
-
-def test_validation_reports_composed_over_measured(composed_run):
-    (row,) = json.loads((composed_run / "composed.json").read_text())["rows"]
-    for method in ("lora", "sparselora"):
-        measured = row[f"measured_{method}_step_s"]
-        assert measured > 0
-        assert row[f"{method}_composed_over_measured"] == pytest.approx(
-            row[f"{method}_step_s"] / measured
-        )
-    assert row["measured_speedup"] == pytest.approx(
-        row["measured_lora_step_s"] / row["measured_sparselora_step_s"]
-    )
+    markdown = paths["markdown"].read_text()
+    assert "| 32,8 (32, 8) | 2 | 4.500 | 4.500 | 1.00x |" in markdown
+    assert "| layer: FFN 0.75 + attn 0.5 | 3-4 | 2 | 500.0 [500.0-500.0] |" in markdown
+    assert "| 0.500 | 0.500 | 1.00x | 9.00 | 9.00 |" in markdown
 
 
 def test_defaults_are_the_llama3_8b_math_table():
     config = ComposedConfig()
-    assert (config.model, config.sparselora, config.shapes) == (
+    assert (config.model, config.sparselora, config.shapes, config.estimator) == (
         "llama3-8b",
         "llama3-8b-math10k",
         ["math"],
+        "svd",
     )
     assert (config.batch_size, config.warmup_steps, config.steps) == (1, 1, 5)
     assert config.model_shape() == PAPER_MODELS["meta-llama/Meta-Llama-3-8B"]
     assert ComposedConfig(model="smollm2-135m-instruct").model_shape().hidden == 576
 
 
+def test_validation_benchmarks_the_same_model_and_settings():
+    config = ComposedConfig(model="smollm2-135m", shapes=["256,64"], batch_size=3, seed=4)
+    whole = config.bench_config()
+    assert (whole.model, whole.sparselora, whole.estimator) == (
+        "smollm2-135m",
+        "llama3-8b-math10k",
+        "svd",
+    )
+    assert (whole.shapes, whole.batch_size, whole.seed, whole.steps) == (["256,64"], 3, 4, 5)
+    assert whole.random_weights is True and whole.padding == ["none"]
+
+
 def test_bad_values_name_the_field():
     with pytest.raises(ConfigError, match="model = 'no-such-model'.*llama3-8b"):
         ComposedConfig(model="no-such-model")
-    with pytest.raises(ConfigError, match="padding"):
-        ComposedConfig(padding=["left"])
-    with pytest.raises(ConfigError, match="random_weights"):
-        ComposedConfig(random_weights=False)
+    with pytest.raises(ConfigError, match="validate must be true or false"):
+        ComposedConfig(validate="yes")
     with pytest.raises(ConfigError, match="steps"):
         ComposedConfig(steps=0)
     with pytest.raises(ConfigError, match="shape"):
         ComposedConfig(shapes=["huge"])
+    with pytest.raises(ConfigError, match=r"estimator = 'pca' is not allowed"):
+        ComposedConfig(estimator="pca")
 
 
-def test_cli_bad_preset_is_a_clear_error(capsys):
-    with pytest.raises(SystemExit) as exit_info:
-        main(["--preset", "no-such-preset"])
-    assert exit_info.value.code == 2
-    assert "unknown preset 'no-such-preset'" in capsys.readouterr().err
+class RecordingHandle:
+    """Stands in for the SparseLoRA handle: `dense()` marks the runs inside it as LoRA's."""
+
+    def __init__(self) -> None:
+        self.method = "sparselora"
+        self.stats = self
+
+    def window(self):
+        return {"estimator_seconds": 0.0}
+
+    @contextlib.contextmanager
+    def dense(self):
+        self.method = "lora"
+        try:
+            yield
+        finally:
+            self.method = "sparselora"
+
+
+def test_measure_parts_runs_every_part_in_each_pairs_order():
+    handle, calls = RecordingHandle(), []
+    parts = [
+        Part(name, name, 1, lambda name=name: calls.append((name, handle.method)), lambda: None)
+        for name in ("x", "y")
+    ]
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(common, "perf_counter", FakeClock())
+        rows = measure_parts(parts, handle, torch.device("cpu"), warmup=1, steps=2, shape="s")
+    A, B = "lora", "sparselora"
+    assert calls == [
+        ("x", A), ("x", B), ("y", A), ("y", B),  # warm-up pair
+        ("x", B), ("x", A), ("y", B), ("y", A),
+        ("x", A), ("x", B), ("y", A), ("y", B),
+    ]  # fmt: skip
+    assert [len(row.lora.times) for row in rows] == [2, 2]

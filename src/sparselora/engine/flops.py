@@ -1,7 +1,8 @@
 """Analytic FLOPs of one LoRA or SparseLoRA training step, from a model config alone.
 
-Counts what `blocks.py` computes (METHOD.md section 6), so the predicted speedup is the one the
-implementation can reach. A matmul (m, k) x (k, n) costs 2mkn; a step is forward + backward.
+Counts what `blocks.py` computes (docs/METHOD.md, FLOPs accounting and the speed protocol), so
+the predicted speedup is the one the implementation can reach. A matmul (m, k) x (k, n) costs
+2mkn; a step is forward + backward.
 Notation: B sequences of L tokens, `out` of them labelled (labels != -100, the last `out` of each
 sequence in the benchmark shapes), T = B*L tokens, H hidden, I intermediate, nh / nkv query /
 key-value heads, hd head dim, G = nh / nkv, V vocabulary, r LoRA rank.
@@ -39,18 +40,16 @@ LoRA and SparseLoRA. No activation checkpointing is assumed (it would add a seco
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
-import sys
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from sparselora.config import ConfigError, SparseLoRAConfig, get_preset
+from sparselora.config import SparseLoRAConfig, get_preset
 from sparselora.engine.selection import num_kept
-from sparselora.presets import PAPER_SUFFIX, PRESETS
+from sparselora.presets import PRESETS
 
 ATTN_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj")
 MLP_PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
@@ -426,124 +425,3 @@ def flops_table(
             row.update(compare(shape, seq_len, out_tokens, get_preset(name), **kwargs))
             rows.append(row)
     return rows
-
-
-def _tflops(value: float) -> str:
-    return f"{value / TERA:.3g}"
-
-
-def format_markdown(rows: Sequence[Mapping[str, Any]]) -> str:
-    """A markdown table: totals in TFLOPs per step, predicted speedup, and each component as
-    "LoRA -> SparseLoRA" TFLOPs (one number where both are equal)."""
-    header = ["preset", "model", "task (L, out)", "LoRA TFLOPs", "SparseLoRA TFLOPs", "speedup"]
-    header += [COMPONENT_TITLES[c] for c in COMPONENTS]
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    for row in rows:
-        cells = [
-            row.get("preset", "-"),
-            row.get("model", "-").split("/")[-1],
-            f"{row.get('task', '-')} ({row['seq_len']}, {row['out_tokens']})",
-            f"{row['lora_tflops']:.2f}",
-            f"{row['sparselora_tflops']:.2f}",
-            f"{row['speedup']:.2f}x",
-        ]
-        for component in COMPONENTS:
-            before, after = row["lora"][component], row["sparselora"][component]
-            cells.append(
-                _tflops(before) if before == after else f"{_tflops(before)} → {_tflops(after)}"
-            )
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines)
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """`sparselora flops`: print LoRA vs SparseLoRA step FLOPs as a markdown table or JSON."""
-    parser = argparse.ArgumentParser(
-        prog="sparselora flops",
-        description="Analytic training-step FLOPs of LoRA and SparseLoRA (no weights needed).",
-    )
-    what = parser.add_mutually_exclusive_group(required=True)
-    what.add_argument(
-        "--preset",
-        choices=sorted(PRESETS) + sorted(f"{name}{PAPER_SUFFIX}" for name in PRESETS),
-        metavar="NAME",
-        help=f"a named SparseLoRA preset ({PAPER_SUFFIX!r} suffix: the paper's estimator): "
-        f"{', '.join(sorted(PRESETS))}",
-    )
-    what.add_argument("--config", help="a SparseLoRA config file (.yaml or .json)")
-    what.add_argument("--all-presets", action="store_true", help="every preset on its paper model")
-    parser.add_argument(
-        "--model",
-        help="model id or alias of a paper model, or a local directory with config.json "
-        "(default: the preset's model)",
-    )
-    parser.add_argument(
-        "--task", choices=sorted(TASK_SHAPES), help="benchmark shape (default: the preset's)"
-    )
-    parser.add_argument(
-        "--all-tasks", action="store_true", help="with --all-presets: every task's shape"
-    )
-    parser.add_argument("--seq-len", type=int, help="tokens per sequence (overrides --task)")
-    parser.add_argument("--out-tokens", type=int, help="labelled tokens per sequence")
-    parser.add_argument("--batch", type=int, default=1, help="sequences per step (default 1)")
-    parser.add_argument("--lora-rank", type=int, default=32, help="LoRA rank (default 32)")
-    parser.add_argument(
-        "--lora-targets",
-        default=",".join(DEFAULT_LORA_TARGETS),
-        help="comma-separated adapted projections (default q_proj,k_proj,v_proj,o_proj)",
-    )
-    parser.add_argument(
-        "--logits-on-output-only",
-        action="store_true",
-        help="count the LM head only on positions whose next token is labelled",
-    )
-    parser.add_argument(
-        "--no-exact-savings",
-        action="store_true",
-        help="SparseLoRA without the exact savings (labelled logits, last-layer skip): the "
-        "paper's channel sparsity alone",
-    )
-    parser.add_argument("--format", choices=("markdown", "json"), default="markdown")
-    args = parser.parse_args(argv)
-
-    common = {
-        "batch": args.batch,
-        "lora_rank": args.lora_rank,
-        "lora_targets": tuple(t.strip() for t in args.lora_targets.split(",") if t.strip()),
-        "logits_on_output_only": args.logits_on_output_only,
-        "exact_savings": not args.no_exact_savings,
-    }
-    try:
-        if args.all_presets:
-            if args.model or args.seq_len is not None or args.out_tokens is not None:
-                parser.error("--all-presets counts each preset on its own model and task shapes")
-            tasks = list(TASK_SHAPES) if args.all_tasks else ([args.task] if args.task else None)
-            rows = flops_table(tasks=tasks, **common)
-        else:
-            config = get_preset(args.preset) if args.preset else SparseLoRAConfig.load(args.config)
-            base_name = config.preset.removesuffix(PAPER_SUFFIX) if config.preset else None
-            preset = PRESETS.get(base_name) if base_name else None
-            if args.model is None and preset is None:
-                parser.error("--model is needed for a config that names no preset")
-            model = args.model or preset.model
-            task = args.task or (preset_task(preset.name) if preset else "math")
-            seq_len, out_tokens = TASK_SHAPES[task]
-            if args.seq_len is not None:
-                seq_len, task = args.seq_len, "custom"
-            if args.out_tokens is not None:
-                out_tokens, task = args.out_tokens, "custom"
-            row = {"preset": config.preset or args.config, "model": model, "task": task}
-            row.update(compare(load_shape(model), seq_len, out_tokens, config, **common))
-            rows = [row]
-    except (ConfigError, ValueError, OSError) as err:
-        parser.error(str(err))
-    if args.format == "json":
-        json.dump(rows, sys.stdout, indent=2)
-        sys.stdout.write("\n")
-    else:
-        print(format_markdown(rows))
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

@@ -30,8 +30,8 @@ messages (role/content list)  chat        ``prompt`` = the messages before the l
 
 Any row may carry an ``answer`` (the gold answer used by generation-based evaluation).
 
-Tokenisation follows METHOD.md section 7: loss on the response only, EOS appended, prompts cut at
-256 tokens, sequences at 512. The prompt and the response are tokenised separately
+Tokenisation follows the paper (docs/METHOD.md, section 12 'Data and evaluation'): loss on the
+response only, EOS appended, prompts cut at 256 tokens, sequences at 512. The prompt and the response are tokenised separately
 and concatenated, so the prompt ids a model sees in training are exactly the ids it is given at
 generation time (``Example["prompt_ids"]``).
 """

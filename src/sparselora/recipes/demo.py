@@ -4,23 +4,52 @@ Both runs use the same seed, data, steps and LoRA settings; each trains in its o
 its peak memory is its own. Then both adapters are evaluated (dense) on the same held-out
 problems and a side-by-side table is printed and written to RUN_ROOT/comparison.md.
 
-    python -m sparselora.recipes.demo --steps 24 --out runs/demo
+    sparselora demo --steps 24 --out runs/demo
 """
 
 from __future__ import annotations
 
-import argparse
 import json
+import logging
 import subprocess
 import sys
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
+from sparselora.config import ConfigError, doc
 from sparselora.recipes.commands import evaluate_run
+from sparselora.recipes.loading import METHODS
 from sparselora.recipes.train import plot_losses
 
+logger = logging.getLogger(__name__)
 
-def train_run(method: str, root: Path, args: argparse.Namespace) -> dict:
+
+@dataclass
+class DemoConfig:
+    """What `sparselora demo` runs; validated on construction."""
+
+    out: str = field(default="runs/demo", metadata=doc("Run root folder."))
+    steps: int = field(default=24, metadata=doc("Optimizer steps per method."))
+    batch_size: int = field(default=4, metadata=doc("Micro-batch size."))
+    max_length: int = field(default=320, metadata=doc("Tokens per example after truncation."))
+    eval_examples: int = field(default=48, metadata=doc("Held-out problems for the loss."))
+    accuracy_examples: int = field(
+        default=16, metadata=doc("Held-out problems answered by greedy generation.")
+    )
+    max_new_tokens: int = field(default=192, metadata=doc("Generated tokens per answer."))
+    seed: int = field(default=42, metadata=doc("Seed of both runs."))
+
+    def __post_init__(self) -> None:
+        for name in ("steps", "batch_size", "max_length", "eval_examples", "accuracy_examples",
+                     "max_new_tokens"):  # fmt: skip
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ConfigError(f"{name} must be an integer >= 1, got {value!r}")
+
+
+def train_run(method: str, root: Path, args: DemoConfig) -> dict:
+    """Train one method in its own process (`sparselora train`); returns its summary.json."""
     out = root / method
     overrides = [
         f"training.method={method}",
@@ -34,8 +63,8 @@ def train_run(method: str, root: Path, args: argparse.Namespace) -> dict:
         f"data.max_eval_examples={args.eval_examples}",
         f"logging.logging_steps={max(1, args.steps // 12)}",
     ]
-    command = [sys.executable, "-m", "sparselora.cli.app", "train", *overrides]
-    print(f"\n== training {method}: {' '.join(command[3:])}", flush=True)
+    command = [sys.executable, "-m", "sparselora.cli", "train", *overrides]
+    logger.info("training %s: sparselora %s", method, " ".join(command[3:]))
     subprocess.run(command, check=True)
     return json.loads((out / "summary.json").read_text())
 
@@ -70,22 +99,16 @@ def comparison_table(rows: dict[str, dict]) -> str:
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", default="runs/demo", help="run root folder")
-    parser.add_argument("--steps", type=int, default=24, help="optimizer steps per method")
-    parser.add_argument("--batch-size", type=int, default=4)
-    parser.add_argument("--max-length", type=int, default=320)
-    parser.add_argument("--eval-examples", type=int, default=48, help="held-out loss examples")
-    parser.add_argument("--accuracy-examples", type=int, default=16, help="generation examples")
-    parser.add_argument("--max-new-tokens", type=int, default=192)
-    parser.add_argument("--seed", type=int, default=42)
-    args = parser.parse_args(argv)
+def run_demo(args: DemoConfig) -> str:
+    """Train both methods, evaluate both adapters, write RUN_ROOT/comparison.md and loss.png.
+
+    Returns the comparison (a header line and a markdown table).
+    """
     root = Path(args.out)
     start = time.perf_counter()
-    rows = {method: train_run(method, root, args) for method in ("lora", "sparselora")}
+    rows = {method: train_run(method, root, args) for method in METHODS}
     for method, row in rows.items():
-        print(f"\n== evaluating {method} on {args.accuracy_examples} held-out problems", flush=True)
+        logger.info("evaluating %s on %d held-out problems", method, args.accuracy_examples)
         result = evaluate_run(
             root / method,
             limit=args.accuracy_examples,
@@ -102,11 +125,6 @@ def main(argv: list[str] | None = None) -> int:
         f"held-out loss on {args.eval_examples} problems, accuracy on {args.accuracy_examples}; "
         f"{minutes:.1f} min in all"
     )
-    (root / "comparison.md").write_text(header + "\n\n" + table + "\n")
-    print("\n" + header + "\n\n" + table)
-    print(f"\nloss curves: {root / 'loss.png'}; runs: {root}/lora, {root}/sparselora")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+    comparison = header + "\n\n" + table
+    (root / "comparison.md").write_text(comparison + "\n")
+    return comparison

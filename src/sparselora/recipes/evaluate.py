@@ -3,8 +3,8 @@
 Evaluation is dense: every entry point puts the model in eval mode (a SparseLoRA handle runs
 dense there unless ``sparse_in_eval`` is set) and restores the previous mode afterwards.
 
-Answer extraction follows LLM-Adapters (METHOD.md section 7), applied to the lower-cased
-response:
+Answer extraction follows LLM-Adapters (docs/METHOD.md, section 12 'Data and evaluation'),
+applied to the lower-cased response:
 
 - boolq: the first ``true|false``;
 - piqa: the first ``solution1|solution2``;

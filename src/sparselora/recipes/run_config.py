@@ -43,7 +43,9 @@ class ModelSection:
 
 @dataclass
 class LoraSection:
-    r: int = field(default=32, metadata=doc("LoRA rank (METHOD.md section 7: 32)."))
+    r: int = field(
+        default=32, metadata=doc("LoRA rank (32, as in the paper: docs/METHOD.md, section 12).")
+    )
     alpha: int = field(default=64, metadata=doc("LoRA alpha (64)."))
     dropout: float = field(default=0.0, metadata=doc("LoRA dropout (0)."))
     target_modules: list[str] = field(
@@ -107,15 +109,25 @@ class LoggingSection:
 
 @dataclass
 class RunConfig:
-    model: ModelSection = field(default_factory=ModelSection)
-    lora: LoraSection = field(default_factory=LoraSection)
+    """A `sparselora train` run: one section per concern, each validated on construction."""
+
+    model: ModelSection = field(
+        default_factory=ModelSection, metadata=doc("The base model and how it is loaded.")
+    )
+    lora: LoraSection = field(default_factory=LoraSection, metadata=doc("The PEFT LoRA adapters."))
     sparselora: dict[str, Any] = field(
         default_factory=lambda: {"preset": "smollm2-135m-gsm8k"},
         metadata=doc("SparseLoRAConfig fields, or {'preset': name} plus overrides."),
     )
-    data: DataSection = field(default_factory=DataSection)
-    training: TrainingSection = field(default_factory=TrainingSection)
-    logging: LoggingSection = field(default_factory=LoggingSection)
+    data: DataSection = field(
+        default_factory=DataSection, metadata=doc("Training and held-out data, prompt format.")
+    )
+    training: TrainingSection = field(
+        default_factory=TrainingSection, metadata=doc("Optimisation, schedule and checkpoints.")
+    )
+    logging: LoggingSection = field(
+        default_factory=LoggingSection, metadata=doc("Logging and TensorBoard.")
+    )
 
     def __post_init__(self) -> None:
         check_choice("model.dtype", self.model.dtype, DTYPES)

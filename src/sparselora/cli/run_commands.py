@@ -1,0 +1,174 @@
+"""The fine-tuning sub-commands: `train`, `eval`, `export`, `estimator build`, `presets`,
+`env` and `demo`.
+
+`register(subparsers)` adds them to the `sparselora` argparse tree; each handler takes the parsed
+arguments, calls the recipe, prints the result and returns the exit code.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+from pathlib import Path
+
+from sparselora.cli.options import add_dataclass_options, dataclass_from_args, describe_fields
+from sparselora.config import ESTIMATOR_KINDS, SparseLoRAConfig, get_preset
+from sparselora.perf.common import hardware_header
+from sparselora.presets import PRESETS
+from sparselora.recipes.demo import DemoConfig, run_demo
+from sparselora.recipes.loading import EMBEDDED_MODEL, METHODS
+from sparselora.recipes.run_config import RunConfig
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    """Add the fine-tuning sub-commands, each with `func` set to its handler."""
+    p = subparsers.add_parser(
+        "train",
+        help="fine-tune with LoRA or SparseLoRA from a YAML config",
+        description="Fine-tune with LoRA or SparseLoRA. The run config is a YAML file with\n"
+        "sections model/lora/sparselora/data/training/logging; every key below can be set in\n"
+        "it or overridden on the command line as section.key=value.",
+        epilog=run_config_fields(),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("config", nargs="?", help="run config YAML (optional)")
+    p.add_argument("overrides", nargs="*", help="section.key=value, e.g. training.max_steps=20")
+    p.add_argument("--method", choices=METHODS, help="override training.method")
+    p.add_argument("--output-dir", help="override training.output_dir")
+    p.set_defaults(func=_train)
+
+    p = subparsers.add_parser("eval", help="held-out loss and accuracy of a trained run (dense)")
+    p.add_argument("run_dir")
+    p.add_argument("--data", help="held-out data (default: the run's data.eval)")
+    p.add_argument("--task", help="answer rule (default: the run's data.task)")
+    p.add_argument("--limit", type=int, help="evaluate the first N examples only")
+    p.add_argument("--max-new-tokens", type=int, default=256)
+    p.add_argument("--batch-size", type=int, default=8)
+    p.set_defaults(func=_eval)
+
+    p = subparsers.add_parser("export", help="merge the adapter into the base model")
+    p.add_argument("run_dir")
+    p.add_argument("--merged", action="store_true", help="write a merged model (required)")
+    p.add_argument("--output", help="folder (default: RUN_DIR/merged)")
+    p.set_defaults(func=_export)
+
+    p = subparsers.add_parser("estimator", help="estimator files")
+    actions = p.add_subparsers(dest="action", required=True)
+    b = actions.add_parser("build", help="build the estimator for a model and sparsity config")
+    b.add_argument("--model", default=EMBEDDED_MODEL)
+    what = b.add_mutually_exclusive_group(required=True)
+    what.add_argument("--config", help="SparseLoRA config YAML/JSON")
+    what.add_argument("--preset", help="preset name instead of --config")
+    b.add_argument("--kind", choices=ESTIMATOR_KINDS)
+    b.add_argument("--rank", type=int)
+    b.add_argument("--data", default="gsm8k:train", help="calibration data for whitened_svd")
+    b.add_argument("--output", help="file (default: the estimator cache)")
+    b.set_defaults(func=_estimator)
+
+    p = subparsers.add_parser("presets", help="list presets or show one")
+    p.add_argument("action", nargs="?", choices=["list", "show"], default="list")
+    p.add_argument("name", nargs="?")
+    p.set_defaults(func=_presets)
+
+    p = subparsers.add_parser("env", help="machine and versions, for bug reports")
+    p.set_defaults(func=_env)
+
+    p = subparsers.add_parser(
+        "demo",
+        help="the main job: LoRA vs SparseLoRA on the embedded SmolLM2 and GSM8K",
+        description="Trains LoRA and SparseLoRA with the same seed, data and steps (each in its "
+        "own process), evaluates both adapters and prints a side-by-side table.",
+    )
+    add_dataclass_options(p, DemoConfig)
+    p.set_defaults(func=_demo)
+
+
+def run_config_fields() -> str:
+    """Every run-config key with its type, default and help, generated from the dataclasses."""
+    parts = ["run config keys (section.key):"]
+    for f in dataclasses.fields(RunConfig):
+        if f.name == "sparselora":
+            parts.append(
+                "\nsparselora: a preset ({'preset': NAME}) plus any SparseLoRAConfig field:\n"
+                + describe_fields(SparseLoRAConfig, "sparselora")
+            )
+        else:
+            parts.append("\n" + describe_fields(type(f.default_factory()), f.name))
+    return "\n".join(parts)
+
+
+def _train(args: argparse.Namespace) -> int:
+    from sparselora.recipes.train import train
+
+    overrides = list(args.overrides)
+    config_file = args.config
+    if config_file is not None and "=" in config_file and not Path(config_file).exists():
+        overrides.insert(0, config_file)  # no config file, only overrides
+        config_file = None
+    if args.method:
+        overrides.append(f"training.method={args.method}")
+    if args.output_dir:
+        overrides.append(f"training.output_dir={args.output_dir}")
+    config = RunConfig.load(config_file, overrides)
+    summary = train(config)
+    print(json.dumps({k: v for k, v in summary.items() if k != "train_loss_curve"}, indent=2))
+    return 0
+
+
+def _eval(args: argparse.Namespace) -> int:
+    from sparselora.recipes.commands import evaluate_run
+
+    result = evaluate_run(
+        Path(args.run_dir),
+        data=args.data,
+        task=args.task,
+        limit=args.limit,
+        max_new_tokens=args.max_new_tokens,
+        batch_size=args.batch_size,
+    )
+    print(json.dumps({k: v for k, v in result.items() if k != "samples"}, indent=2))
+    return 0
+
+
+def _export(args: argparse.Namespace) -> int:
+    from sparselora.recipes.commands import export_merged
+
+    if not args.merged:
+        raise ValueError("export writes a merged model; pass --merged")
+    path = export_merged(Path(args.run_dir), Path(args.output) if args.output else None)
+    print(f"merged model written to {path}")
+    return 0
+
+
+def _estimator(args: argparse.Namespace) -> int:
+    from sparselora.recipes.commands import build_estimator_file
+
+    path = build_estimator_file(
+        args.model, args.config, args.preset, args.kind, args.rank, args.output, args.data
+    )
+    print(f"estimator written to {path}")
+    return 0
+
+
+def _presets(args: argparse.Namespace) -> int:
+    if args.action == "list" or args.name is None:
+        width = max(len(n) for n in PRESETS)
+        for name, preset in PRESETS.items():
+            print(f"{name:<{width}}  {preset.description}  ({preset.model})")
+        return 0
+    print(json.dumps(get_preset(args.name).to_dict(), indent=2))
+    return 0
+
+
+def _env(args: argparse.Namespace) -> int:
+    for key, value in hardware_header().items():
+        print(f"{key:13s} {value}")
+    return 0
+
+
+def _demo(args: argparse.Namespace) -> int:
+    print("\n" + run_demo(dataclass_from_args(DemoConfig, args)))
+    root = Path(args.out)
+    print(f"\nloss curves: {root / 'loss.png'}; runs: {root}/lora, {root}/sparselora")
+    return 0
