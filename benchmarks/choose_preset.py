@@ -21,7 +21,8 @@ from layer_sensitivity import batches_of, heldout_loss, sparse_loss
 
 from sparselora import SparseLoRAConfig, apply_sparselora
 from sparselora.recipes.assets import load_smollm2
-from sparselora.recipes.data import Collator, load_records, tokenize_records
+from sparselora.recipes.data import Collator, tokenize_records
+from sparselora.recipes.records import load_records
 
 BUDGETS = {"ffn": {0.9: 1.0, 0.5: 0.5}, "attn": {0.5: 0.5}}
 

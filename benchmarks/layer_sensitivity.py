@@ -18,7 +18,8 @@ import torch
 
 from sparselora import SparseLoRAConfig, apply_sparselora
 from sparselora.recipes.assets import load_smollm2
-from sparselora.recipes.data import Collator, load_records, tokenize_records
+from sparselora.recipes.data import Collator, tokenize_records
+from sparselora.recipes.records import load_records
 
 
 def batches_of(examples, collator, size):

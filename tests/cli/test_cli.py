@@ -53,8 +53,54 @@ def test_presets_flops_and_env_run(capsys):
     assert "transformers" in capsys.readouterr().out
 
 
-def test_every_subcommand_has_help():
-    for command in ("train", "eval", "export", "presets", "env"):
-        with pytest.raises(SystemExit) as exit_info:
-            cli.main([command, "--help"])
-        assert exit_info.value.code == 0
+SUBCOMMANDS = [
+    ["train"], ["eval"], ["export"], ["estimator", "build"], ["presets"], ["env"], ["demo"],
+    ["flops"], ["bench"], ["composed"],
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("command", SUBCOMMANDS, ids=" ".join)
+def test_every_subcommand_has_help(command, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main([*command, "--help"])
+    assert exit_info.value.code == 0
+    out = capsys.readouterr().out
+    assert out.startswith(f"usage: sparselora {' '.join(command)}") and "--verbose" in out
+
+
+def test_the_tree_lists_every_subcommand(capsys):
+    with pytest.raises(SystemExit):
+        cli.main(["--help"])
+    out = capsys.readouterr().out
+    for command in SUBCOMMANDS:
+        assert command[0] in out
+
+
+@pytest.mark.parametrize("where", ["before", "after"])
+def test_verbose_before_or_after_the_subcommand_turns_on_debug_logging(where, monkeypatch):
+    levels = []
+    monkeypatch.setattr(cli, "configure_logging", lambda verbose: levels.append(verbose))
+    argv = ["-v", "presets", "list"] if where == "before" else ["presets", "list", "-v"]
+    assert cli.main(argv) == 0
+    assert cli.main(["presets", "list"]) == 0
+    assert levels == [True, False]
+
+
+def test_verbose_reaches_the_measurement_subcommands(monkeypatch, capsys):
+    levels = []
+    monkeypatch.setattr(cli, "configure_logging", lambda verbose: levels.append(verbose))
+    assert cli.main(["-v", "flops", "--preset", "llama3-8b-math10k"]) == 0
+    assert cli.main(["flops", "-v", "--preset", "llama3-8b-math10k"]) == 0
+    assert levels == [True, True]
+    assert "llama3-8b-math10k" in capsys.readouterr().out
+
+
+def test_demo_options_come_from_its_config(monkeypatch, capsys):
+    seen = []
+    monkeypatch.setattr(
+        "sparselora.cli.run_commands.run_demo", lambda config: seen.append(config) or "table"
+    )
+    assert cli.main(["demo", "--steps", "3", "--out", "runs/x", "--batch-size", "2"]) == 0
+    assert (seen[0].steps, seen[0].out, seen[0].batch_size, seen[0].seed) == (3, "runs/x", 2, 42)
+    assert cli.main(["demo", "--steps", "0"]) == 2
+    assert "steps must be an integer >= 1" in capsys.readouterr().err

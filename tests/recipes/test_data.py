@@ -10,16 +10,10 @@ import torch
 from conftest import tiny_llama
 from transformers import AutoTokenizer
 
+from sparselora.config import IGNORE_INDEX
 from sparselora.recipes.assets import gsm8k_split, smollm2_path
-from sparselora.recipes.data import (
-    IGNORE_INDEX,
-    Collator,
-    DataError,
-    Record,
-    format_prompt,
-    load_records,
-    tokenize_records,
-)
+from sparselora.recipes.data import Collator, format_prompt, tokenize_records
+from sparselora.recipes.records import DataError, Record, load_records
 
 
 @pytest.fixture(scope="module")

@@ -18,10 +18,10 @@ from sparselora.recipes.data import (
     CALIBRATION_EXAMPLES,
     Collator,
     calibration_batches,
-    load_records,
     tokenize_records,
 )
 from sparselora.recipes.loading import load_model, load_tokenizer
+from sparselora.recipes.records import load_records
 from sparselora.recipes.run_config import RunConfig
 
 logger = logging.getLogger(__name__)

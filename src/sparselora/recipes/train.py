@@ -35,8 +35,9 @@ from sparselora.engine.flops import STAGE as FLOPS_TARGETS
 from sparselora.engine.flops import ModelShape, step_flops
 from sparselora.engine.handle import SparseLoRA, apply_sparselora
 from sparselora.engine.schedule import SparseLoRACallback
-from sparselora.recipes.data import Collator, calibration_batches, load_records, tokenize_records
+from sparselora.recipes.data import Collator, calibration_batches, tokenize_records
 from sparselora.recipes.loading import add_lora, load_model, load_tokenizer, resolve_dtype
+from sparselora.recipes.records import load_records
 from sparselora.recipes.run_config import RunConfig
 from sparselora.version import __version__
 
