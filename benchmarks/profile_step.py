@@ -22,7 +22,6 @@ from torch.profiler import ProfilerActivity, profile
 
 from sparselora.perf.bench import BenchConfig, StepRunner
 from sparselora.perf.common import add_lora_and_sparselora, parse_shape, synthetic_batch
-from sparselora.recipes.loading import load_model
 
 GROUPS = {
     "matmul": ("aten::mm", "aten::addmm", "aten::bmm", "aten::matmul", "aten::linear"),
@@ -81,14 +80,7 @@ def main() -> None:
         dtype="float32",
     )
     shape = parse_shape(args.shape)
-    model = load_model(
-        config.model,
-        config.dtype,
-        config.attn_implementation,
-        device=cpu,
-        random_weights=config.random_weights,
-        seed=config.seed,
-    ).train()
+    model = config.base_model(cpu)
     vocab = model.config.vocab_size
     model, handle, _ = add_lora_and_sparselora(
         model, config, config.sparse_config(), vocab, shape, cpu

@@ -7,6 +7,8 @@ import torch
 from peft import LoraConfig, get_peft_model
 from transformers import LlamaConfig, LlamaForCausalLM
 
+from sparselora import SparseLoRAConfig
+
 torch.set_num_threads(2)
 
 ATTN = ["q_proj", "k_proj", "v_proj", "o_proj"]
@@ -75,6 +77,21 @@ def make_batch(batch: int = 3, length: int = 12, padding: str | None = None, see
             input_ids[row, end:] = 0
             labels[row, end - out : end] = input_ids[row, end - out : end]
     return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+
+
+def sparse_config(channels_only: bool = True, **overrides) -> SparseLoRAConfig:
+    """FFN sparsity on layers 0-2 and attention on 1-2 (half the channels), the weight-only SVD
+    estimator, sparse from step 0; exact savings off unless `channels_only` is False."""
+    fields = dict(
+        ffn_sparsity={"0-2": 0.5},
+        attn_sparsity={"1-2": 0.5},
+        estimator="svd",
+        ffn_criterion="per_token",
+        start_step=0.0,
+        **(CHANNELS_ONLY if channels_only else {}),
+    )
+    fields.update(overrides)
+    return SparseLoRAConfig(**fields)
 
 
 @pytest.fixture

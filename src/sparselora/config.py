@@ -261,11 +261,11 @@ class SparseLoRAConfig:
         check_choice("ffn_criterion", self.ffn_criterion, FFN_CRITERIA)
         check_choice("attn_criterion", self.attn_criterion, ATTN_CRITERIA)
         check_choice("output_tokens", self.output_tokens, OUTPUT_TOKEN_MODES)
-        _check_int("estimator_rank", self.estimator_rank, minimum=1)
-        _check_int("calibration_tokens", self.calibration_tokens, minimum=1)
-        _check_int("seed", self.seed, minimum=0)
+        check_int("estimator_rank", self.estimator_rank, minimum=1)
+        check_int("calibration_tokens", self.calibration_tokens, minimum=1)
+        check_int("seed", self.seed, minimum=0)
         if self.max_score_tokens is not None:
-            _check_int("max_score_tokens", self.max_score_tokens, minimum=1)
+            check_int("max_score_tokens", self.max_score_tokens, minimum=1)
         for name in ("start_step", "end_step"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)):
@@ -358,7 +358,8 @@ def check_choice(name: str, value: Any, allowed: tuple[str, ...]) -> None:
         raise ConfigError(f"{name} = {shown!r} is not allowed; choose from {list(allowed)}")
 
 
-def _check_int(name: str, value: Any, minimum: int) -> None:
+def check_int(name: str, value: Any, minimum: int) -> None:
+    """Raise one ConfigError unless `value` is an integer (not a bool) >= `minimum`."""
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
         raise ConfigError(f"{name} must be an integer >= {minimum}, got {value!r}")
 

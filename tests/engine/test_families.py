@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import ATTN, CHANNELS_ONLY, MLP, lora_model, make_batch
+from conftest import ATTN, CHANNELS_ONLY, MLP, lora_model, make_batch, sparse_config
 from reference import install_masks, loss_and_grads, rel_err
 from transformers import MistralConfig, MistralForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
@@ -63,15 +63,7 @@ def tiny_model(family: str, seed: int = 0):
 
 
 def config(**overrides) -> SparseLoRAConfig:
-    fields = dict(
-        ffn_sparsity={"0-2": 0.5},
-        attn_sparsity={"1-2": 0.5},
-        estimator="svd",
-        ffn_criterion="per_token",
-        start_step=0.0,
-    )
-    fields.update(overrides)
-    return SparseLoRAConfig(**fields)
+    return sparse_config(channels_only=False, **overrides)
 
 
 def sparse_positions(labels: torch.Tensor) -> torch.Tensor:

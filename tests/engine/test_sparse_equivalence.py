@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import ATTN, CHANNELS_ONLY, MLP, lora_model, make_batch, tiny_llama
+from conftest import ATTN, MLP, lora_model, make_batch, sparse_config, tiny_llama
 from reference import install_masks, loss_and_grads, rel_err
 
 from sparselora import SparseLoRAConfig, apply_sparselora
@@ -18,16 +18,7 @@ SPARSE = 1e-5
 
 
 def config(**overrides) -> SparseLoRAConfig:
-    fields = dict(
-        ffn_sparsity={"0-2": 0.5},
-        attn_sparsity={"1-2": 0.5},
-        estimator="svd",
-        ffn_criterion="per_token",
-        start_step=0.0,
-        **CHANNELS_ONLY,
-    )
-    fields.update(overrides)
-    return SparseLoRAConfig(**fields)
+    return sparse_config(channels_only=True, **overrides)
 
 
 def assert_close(result, expected, tol):

@@ -97,6 +97,17 @@ class BenchConfig(MeasureConfig):
         if not isinstance(self.random_weights, bool):
             raise ConfigError(f"random_weights must be true or false, got {self.random_weights!r}")
 
+    def base_model(self, device: torch.device) -> nn.Module:
+        """The model to measure, on `device`, in train mode, before LoRA is added."""
+        return load_model(
+            self.model,
+            self.dtype,
+            self.attn_implementation,
+            device=device,
+            random_weights=self.random_weights,
+            seed=self.seed,
+        ).train()
+
 
 # -- rows ----------------------------------------------------------------------------------
 
@@ -382,14 +393,7 @@ def run_benchmark(config: BenchConfig, progress: bool = False) -> BenchResults:
         device = resolve_device(config.device)
         sparse_config = config.sparse_config()
         shapes = [parse_shape(s) for s in config.shapes]
-        model = load_model(
-            config.model,
-            config.dtype,
-            config.attn_implementation,
-            device=device,
-            random_weights=config.random_weights,
-            seed=config.seed,
-        ).train()
+        model = config.base_model(device)
         dtype = next(model.parameters()).dtype
         model_shape = ModelShape.from_config(model.config)
         model, handle, setup_seconds = add_lora_and_sparselora(

@@ -27,6 +27,7 @@ from sparselora.config import (
     ConfigError,
     SparseLoRAConfig,
     check_choice,
+    check_int,
     doc,
     get_preset,
 )
@@ -188,9 +189,9 @@ class MeasureConfig:
             ("calibration_batches", 1),
             ("seed", 0),
         ):
-            _check_int(name, getattr(self, name), minimum)
+            check_int(name, getattr(self, name), minimum)
         if self.threads is not None:
-            _check_int("threads", self.threads, 1)
+            check_int("threads", self.threads, 1)
         if isinstance(self.learning_rate, bool) or not self.learning_rate > 0:
             raise ConfigError(f"learning_rate must be > 0, got {self.learning_rate!r}")
         try:
@@ -208,11 +209,6 @@ class MeasureConfig:
         if self.estimator != KEEP_ESTIMATOR:
             config = dataclasses.replace(config, estimator=self.estimator)
         return config
-
-
-def _check_int(name: str, value: Any, minimum: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ConfigError(f"{name} must be an integer >= {minimum}, got {value!r}")
 
 
 @contextlib.contextmanager

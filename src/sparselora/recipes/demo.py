@@ -17,7 +17,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from sparselora.config import ConfigError, doc
+from sparselora.config import check_int, doc
 from sparselora.recipes.commands import evaluate_run
 from sparselora.recipes.loading import METHODS
 from sparselora.recipes.train import plot_losses
@@ -43,9 +43,7 @@ class DemoConfig:
     def __post_init__(self) -> None:
         for name in ("steps", "batch_size", "max_length", "eval_examples", "accuracy_examples",
                      "max_new_tokens"):  # fmt: skip
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ConfigError(f"{name} must be an integer >= 1, got {value!r}")
+            check_int(name, getattr(self, name), minimum=1)
 
 
 def train_run(method: str, root: Path, args: DemoConfig) -> dict:
