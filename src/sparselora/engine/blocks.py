@@ -67,7 +67,9 @@ class SparseBlock:
         if self.attn_sparsity is not None:
             out.update(q_proj=m.q, k_proj=m.k, v_proj=m.v, o_proj=m.o)
         if self.last:
-            out.update(mlp=m.mlp, q_proj=m.q, o_proj=m.o)
+            out["mlp"] = m.mlp
+            if m.has_attention:
+                out.update(q_proj=m.q, o_proj=m.o)
         return out
 
     def install(self) -> None:

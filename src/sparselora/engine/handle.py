@@ -18,7 +18,7 @@ from collections.abc import Iterable, Iterator, Mapping
 import torch
 from torch import nn
 
-from sparselora.config import SparseLoRAConfig
+from sparselora.config import ConfigError, SparseLoRAConfig
 from sparselora.engine.blocks import SparseBlock
 from sparselora.engine.estimator import (
     ATTN_ESTIMATED,
@@ -31,7 +31,7 @@ from sparselora.engine.estimator import (
     Key,
     weights_fingerprint,
 )
-from sparselora.engine.models import family_for
+from sparselora.engine.models import BlockModules, family_for
 from sparselora.engine.peft_compat import base_linear, check_supported
 from sparselora.engine.savings import LabelledLogits
 from sparselora.engine.state import BatchState, ForwardContext, TokenSplit, output_positions
@@ -305,6 +305,7 @@ def apply_sparselora(
     last = len(layers) - 1
     wrapped = set(ffn) | set(attn) | ({last} if config.skip_unread_last_layer else set())
     modules = {i: family.block(layers[i], i, base.config) for i in sorted(wrapped)}
+    _check_attention_layers(attn, modules)
     for i, block in modules.items():
         targets = ([block.gate, block.up, block.down] if i in ffn else []) + (
             [block.q, block.k, block.v, block.o] if i in attn else []
@@ -317,7 +318,12 @@ def apply_sparselora(
     weights = {(i, p): base_linear(modules[i].projection(p)).weight for i, p in keys}
     every_layer = [family.block(layer, i, base.config) for i, layer in enumerate(layers)]
     fingerprint = weights_fingerprint(
-        {(b.index, p): base_linear(b.projection(p)).weight for b in every_layer for p in ESTIMATED}
+        {
+            (b.index, p): base_linear(b.projection(p)).weight
+            for b in every_layer
+            for p in ESTIMATED
+            if b.projection(p) is not None
+        }
     )
     cache = EstimatorCache(cache_dir) if use_cache else None
 
@@ -338,7 +344,7 @@ def apply_sparselora(
         for i, block in modules.items()
     }
     parts = family.causal_lm_parts(base) if config.labelled_logits else None
-    head = LabelledLogits(context, base, *parts) if parts is not None else None
+    head = LabelledLogits(context, base, parts) if parts is not None else None
     handle = SparseLoRA(base, context, blocks, head, weights, fingerprint, cache)
 
     if not handle.ready:
@@ -358,6 +364,19 @@ def apply_sparselora(
         config.estimator_rank,
     )
     return handle
+
+
+def _check_attention_layers(attn: Mapping[int, float], modules: Mapping[int, BlockModules]) -> None:
+    """Refuse attention sparsity on a layer without standard attention of its own."""
+    refused = {i: modules[i].no_attention for i in attn if not modules[i].has_attention}
+    if refused:
+        with_attention = [i for i, m in modules.items() if m.has_attention]
+        raise ConfigError(
+            "attn_sparsity names layer(s) without standard attention of their own: "
+            + ", ".join(f"{i} ({why})" for i, why in refused.items())
+            + f"; attention sparsity applies to softmax-attention layers only (of the layers "
+            f"named here: {with_attention or 'none'}). Remove them from attn_sparsity."
+        )
 
 
 def _estimator_keys(config: SparseLoRAConfig, ffn: dict, attn: dict) -> list[Key]:

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -26,6 +27,7 @@ from torch import nn
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from sparselora.config import IGNORE_INDEX
+from sparselora.engine.models.base import CausalLMParts
 from sparselora.engine.state import ForwardContext
 
 # Forward arguments the labelled-logits path understands; any other one (a cache, hidden states
@@ -60,31 +62,36 @@ def causal_lm_loss(
 
 
 def labelled_loss(
-    hidden: torch.Tensor, labels: torch.Tensor, head: nn.Module, num_items_in_batch=None
+    hidden: torch.Tensor,
+    labels: torch.Tensor,
+    head: nn.Module,
+    num_items_in_batch=None,
+    finalize: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The causal-LM loss with the head applied only where a label is read.
 
-    hidden (B, L, H) final hidden states, labels (B, L). Returns (loss, logits (N, V) of the N
-    read positions in row-major order, read (B, L-1) bool).
+    hidden (B, L, H) final hidden states, labels (B, L); `finalize` is the model's own logit
+    transform (soft-capping, scaling), applied to the head's output as the model applies it.
+    Returns (loss, logits (N, V) of the N read positions in row-major order, read (B, L-1)).
     """
     targets = labels[:, 1:].to(hidden.device)  # (B, L-1): the token each position predicts
     read = targets != IGNORE_INDEX
     logits = head(hidden[:, :-1][read])  # (N, V)
+    if finalize is not None:
+        logits = finalize(logits)
     return causal_lm_loss(logits, targets[read], num_items_in_batch), logits, read
 
 
 class LabelledLogits:
     """Takes over the causal LM's forward: LM head and loss only at labelled positions.
 
-    `model` is the transformers causal LM (`LlamaForCausalLM`, ...); `decoder` its body
-    (`model.model`) and `head` its output projection. Installed on the instance only; it takes
-    the shortcut only when the context's current batch allows exact savings.
+    `model` is the transformers causal LM (`LlamaForCausalLM`, ...) and `parts` its decoder
+    body, output projection and logit transform. Installed on the instance only; it takes the
+    shortcut only when the context's current batch allows exact savings.
     """
 
-    def __init__(
-        self, context: ForwardContext, model: nn.Module, decoder: nn.Module, head: nn.Module
-    ) -> None:
-        self.context, self.model, self.decoder, self.head = context, model, decoder, head
+    def __init__(self, context: ForwardContext, model: nn.Module, parts: CausalLMParts) -> None:
+        self.context, self.model, self.parts = context, model, parts
         self._signature = inspect.signature(model.forward)
         self._own = None
         self._installed = False
@@ -128,7 +135,7 @@ class LabelledLogits:
             or not _keeps_all(arguments.get("logits_to_keep", 0))
         ):
             return original(*args, **kwargs)
-        outputs = self.decoder(
+        outputs = self.parts.decoder(
             input_ids=arguments.get("input_ids"),
             attention_mask=arguments.get("attention_mask"),
             position_ids=arguments.get("position_ids"),
@@ -137,7 +144,11 @@ class LabelledLogits:
         )
         hidden = outputs.last_hidden_state  # (B, L, H)
         loss, logits, read = labelled_loss(
-            hidden, labels, self.head, arguments.get("num_items_in_batch")
+            hidden,
+            labels,
+            self.parts.head,
+            arguments.get("num_items_in_batch"),
+            self.parts.finalize,
         )
         self._record_skipped(hidden, read, logits.shape[-1])
         return CausalLMOutputWithPast(loss=loss, logits=logits)

@@ -6,7 +6,7 @@ one new module that builds `BlockModules` for each decoder layer and registers i
 
 from __future__ import annotations
 
-from sparselora.engine.models.base import BlockModules, ModelFamily
+from sparselora.engine.models.base import BlockModules, CausalLMParts, ModelFamily
 from sparselora.engine.models.llama import LlamaFamily
 
 FAMILIES: dict[str, ModelFamily] = {}
@@ -31,4 +31,4 @@ def family_for(model_type: str) -> ModelFamily:
     return FAMILIES[model_type]
 
 
-__all__ = ["BlockModules", "ModelFamily", "FAMILIES", "family_for", "register"]
+__all__ = ["BlockModules", "CausalLMParts", "ModelFamily", "FAMILIES", "family_for", "register"]

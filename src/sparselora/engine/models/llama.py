@@ -11,7 +11,7 @@ from collections.abc import Sequence
 
 from torch import nn
 
-from sparselora.engine.models.base import BlockModules, ModelFamily
+from sparselora.engine.models.base import BlockModules, CausalLMParts, ModelFamily
 
 
 class LlamaFamily(ModelFamily):
@@ -20,11 +20,11 @@ class LlamaFamily(ModelFamily):
     def decoder_layers(self, model: nn.Module) -> Sequence[nn.Module]:
         return model.model.layers
 
-    def causal_lm_parts(self, model: nn.Module) -> tuple[nn.Module, nn.Module] | None:
+    def causal_lm_parts(self, model: nn.Module) -> CausalLMParts | None:
         head = getattr(model, "lm_head", None)
         if head is None or getattr(model.config, "final_logit_softcapping", None):
             return None
-        return model.model, head
+        return CausalLMParts(model.model, head)
 
     def block(self, layer: nn.Module, index: int, config) -> BlockModules:
         attn, mlp = layer.self_attn, layer.mlp
