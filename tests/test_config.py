@@ -91,3 +91,27 @@ def test_preset_with_overrides_and_unknown_preset():
     assert config.estimator == "whitened_svd" and config.ffn_sparsity == {"17-30": 0.97}
     with pytest.raises(ConfigError, match="unknown preset.*llama3-8b-csr"):
         get_preset("llama9")
+
+
+def test_compact_layers_round_trips_and_merges_runs():
+    from sparselora.config import compact_layers
+
+    per_layer = {3: 0.9, 4: 0.9, 5: 0.9, 6: 0.5, 9: 0.5, 10: 0.5}
+    spec = compact_layers(per_layer)
+    assert spec == {"3-5": 0.9, "6": 0.5, "9-10": 0.5}
+    assert resolve_layers("ffn_sparsity", spec, 12) == per_layer
+
+
+def test_at_depth_moves_a_preset_by_relative_depth():
+    config = get_preset("llama3-8b-math10k")  # FFN 3-30 of 32, attention 14-19,21-23,25-29
+    same = config.at_depth(32, 32)
+    assert same.layer_sparsity(32) == config.layer_sparsity(32)
+    deeper = config.at_depth(32, 36)
+    ffn, attn = deeper.layer_sparsity(36)
+    # target j takes source round(j * 31 / 35): j=3 -> 2.66 -> 3 (sparse), j=2 -> 1.77 -> 2
+    # (dense), j=34 -> 30.1 -> 30 (sparse), j=35 -> 31 (dense, the last layer stays dense)
+    assert min(ffn) == 3 and max(ffn) == 34 and set(ffn.values()) == {0.99}
+    assert 35 not in ffn and 35 not in attn
+    # attention 14-19 -> j = 16..22 (j=15 -> 13.3 -> 13 is dense, j=23 -> 20.4 -> 20 is dense)
+    assert [j for j in range(15, 24) if j in attn] == list(range(16, 23))
+    assert deeper.preset == "llama3-8b-math10k" and deeper.start_step == config.start_step

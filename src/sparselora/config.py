@@ -345,6 +345,40 @@ class SparseLoRAConfig:
             resolve_layers("attn_sparsity", self.attn_sparsity, num_layers),
         )
 
+    def at_depth(self, source_layers: int, target_layers: int) -> SparseLoRAConfig:
+        """This config, written for a model of `source_layers` layers, moved to one of
+        `target_layers` layers by relative depth.
+
+        Target layer j takes the sparsity of source layer round(j * (S-1) / (T-1)), so the
+        first and last layers map onto each other and a dense band stays a band. A preset for
+        one model is a starting point for another, not a measured preset (see
+        `sparselora calibrate` in a later version, docs/METHOD.md section 9).
+        """
+        if source_layers < 2 or target_layers < 2:
+            raise ConfigError("at_depth needs models of at least 2 layers")
+        ffn, attn = self.layer_sparsity(source_layers)
+
+        def moved(per_layer: dict[int, float]) -> dict[str, float]:
+            scale = (source_layers - 1) / (target_layers - 1)
+            chosen = {j: per_layer.get(round(j * scale)) for j in range(target_layers)}
+            return compact_layers({j: s for j, s in chosen.items() if s})
+
+        return dataclasses.replace(self, ffn_sparsity=moved(ffn), attn_sparsity=moved(attn))
+
+
+def compact_layers(per_layer: dict[int, float]) -> dict[str, float]:
+    """{13: 0.9, 14: 0.9, 15: 0.9, 20: 0.5} -> {"13-15": 0.9, "20": 0.5}: runs of consecutive
+    layers with the same sparsity as one inclusive range."""
+    out: dict[str, float] = {}
+    run: list[int] = []
+    for layer in sorted(per_layer) + [None]:
+        if run and (layer is None or layer != run[-1] + 1 or per_layer[layer] != per_layer[run[0]]):
+            out[f"{run[0]}-{run[-1]}" if len(run) > 1 else str(run[0])] = per_layer[run[0]]
+            run = []
+        if layer is not None:
+            run.append(layer)
+    return out
+
 
 def check_choice(name: str, value: Any, allowed: tuple[str, ...]) -> None:
     """Raise one ConfigError naming the field and the allowed values.
