@@ -224,7 +224,9 @@ def test_documented_composed_command_lines():
         (
             ["bench", "--lora-targets", "qkv"],
             "sparselora bench: error: lora_targets = ['qkv'] is not allowed; choose from "
-            "['q_proj', 'k_proj', 'v_proj', 'o_proj', 'gate_proj', 'up_proj', 'down_proj']",
+            "['q_proj', 'k_proj', 'v_proj', 'o_proj', 'gate_proj', 'up_proj', 'down_proj', "
+            "'qkv_proj', 'gate_up_proj', 'in_proj_qkv', 'in_proj_z', 'in_proj_b', 'in_proj_a', "
+            "'out_proj']",
         ),
         (["bench", "--steps", "0"], "sparselora bench: error: steps must be an integer >= 1"),
         (

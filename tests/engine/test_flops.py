@@ -13,17 +13,8 @@ from torch.utils.flop_counter import FlopCounterMode
 from transformers import LlamaConfig
 
 from sparselora import PRESETS, SparseLoRAConfig, apply_sparselora, get_preset
-from sparselora.engine.flops import (
-    COMPONENTS,
-    PAPER_MODELS,
-    TASK_SHAPES,
-    ModelShape,
-    compare,
-    flops_table,
-    load_shape,
-    preset_task,
-    step_flops,
-)
+from sparselora.engine.flops import COMPONENTS, compare, flops_table, preset_task, step_flops
+from sparselora.engine.shapes import PAPER_MODELS, TASK_SHAPES, ModelShape, load_shape
 
 # H=8, I=16, 2 layers, 2 query heads sharing 1 KV head (G=2) of dim 4, vocabulary 10.
 TINY = ModelShape(

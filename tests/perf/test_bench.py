@@ -12,7 +12,8 @@ import yaml
 from conftest import tiny_llama
 
 from sparselora.config import ConfigError, SparseLoRAConfig
-from sparselora.engine.flops import ModelShape, step_flops
+from sparselora.engine.flops import step_flops
+from sparselora.engine.shapes import ModelShape
 from sparselora.perf import bench
 from sparselora.perf.bench import BenchConfig, Step, bench_row, run_benchmark
 from sparselora.perf.common import MIB, BenchShape

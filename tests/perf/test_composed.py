@@ -14,7 +14,7 @@ import yaml
 from conftest import tiny_llama
 
 from sparselora.config import ConfigError
-from sparselora.engine.flops import PAPER_MODELS
+from sparselora.engine.shapes import PAPER_MODELS
 from sparselora.perf import common
 from sparselora.perf.bench import BenchRow, MethodResult
 from sparselora.perf.common import BenchShape

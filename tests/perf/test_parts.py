@@ -11,7 +11,7 @@ import torch
 from conftest import tiny_llama
 
 from sparselora.config import SparseLoRAConfig, get_preset
-from sparselora.engine.flops import ModelShape
+from sparselora.engine.shapes import ModelShape
 from sparselora.engine.state import output_positions
 from sparselora.perf.common import MeasureConfig, parse_shape
 from sparselora.perf.parts import LayerKind, PartsModel, layer_kinds, layer_spec, parts_config

@@ -196,6 +196,23 @@ def test_chat_records_use_the_tokenizer_chat_template(tokenizer):
     assert text.startswith("<|im_start|>system\n")  # SmolLM2's template adds its system prompt
 
 
+def test_auto_formats_chat_records_as_alpaca_for_a_base_model_tokenizer(tokenizer):
+    """A base model's tokenizer has no chat template: auto falls back to the Alpaca prompt."""
+    import copy
+
+    record = load_records("gsm8k:eval")[0]
+    base = copy.deepcopy(tokenizer)
+    base.chat_template = None
+    question = record["prompt"][0]["content"]
+    assert format_prompt(record, base) == format_prompt(record, base, template="alpaca")
+    assert format_prompt(record, base).endswith(f"### Instruction:\n{question}\n\n### Response:\n")
+    examples, _ = tokenize_records([record], base)
+    prompt = base(format_prompt(record, base))["input_ids"]
+    assert examples[0]["prompt_ids"] == prompt  # plain text: the tokenizer's own special tokens
+    with pytest.raises(ValueError, match="chat template"):
+        format_prompt(record, base, template="chat")  # asked for explicitly: still an error
+
+
 def test_template_override(tokenizer):
     record = alpaca("Add them.", "5", context="2 and 3")
     as_chat = format_prompt(record, tokenizer, template="chat")

@@ -15,14 +15,8 @@ import sys
 
 from sparselora.cli.options import CommaListAction, add_dataclass_options, dataclass_from_args
 from sparselora.config import ConfigError, SparseLoRAConfig, get_preset
-from sparselora.engine.flops import (
-    DEFAULT_LORA_TARGETS,
-    TASK_SHAPES,
-    compare,
-    flops_table,
-    load_shape,
-    preset_task,
-)
+from sparselora.engine.flops import compare, flops_table, preset_task
+from sparselora.engine.shapes import DEFAULT_LORA_TARGETS, TASK_SHAPES, load_shape
 from sparselora.perf.bench import BenchConfig, run_benchmark
 from sparselora.perf.composed import ComposedConfig, run_composed
 from sparselora.perf.report import (

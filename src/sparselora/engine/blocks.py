@@ -13,6 +13,13 @@ Semantics of the sparse set (the masked-dense reference in the tests computes th
 - Attention: frozen q/k/v produce only the kept output channels (zeros elsewhere), frozen o
   reads only the kept input columns; their LoRA branches are dense. RoPE and the attention core
   run unchanged on the full head dim.
+
+Fused projections (`Rows` in `BlockModules`): a module that computes several projections
+(Phi-3's `qkv_proj`, `gate_up_proj`) is wrapped once and computes, in one matmul, the kept
+channels of each at its own rows, plus the rows no projection owns (Qwen3.5's attention output
+gate); its LoRA delta is the fused module's (dense on its full width, or on the same rows with
+`sparse_lora_branch`). An unfused projection is the one-part case: its kept channels are its
+rows, used as they are.
 """
 
 from __future__ import annotations
@@ -25,12 +32,11 @@ import torch
 import torch.nn.functional as F
 
 from sparselora.engine import ops, selection
-from sparselora.engine.models.base import BlockModules
+from sparselora.engine.models.base import BlockModules, Rows
 from sparselora.engine.peft_compat import active_lora_adapters, base_linear, is_merged, lora_delta
 from sparselora.engine.state import BatchState, ForwardContext, TokenSplit
 
-ATTN_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj")
-SKIPPABLE = ("mlp", "q_proj", "o_proj")  # what the last layer skips for unread tokens
+ROW_PROJECTIONS = ("q_proj", "k_proj", "v_proj")  # attention projections with kept output rows
 
 
 class SparseBlock:
@@ -54,33 +60,51 @@ class SparseBlock:
         self.selection: dict[str, torch.Tensor] = {}
         self._selection_forward = -1
         self._originals: dict[str, tuple[torch.nn.Module, object]] = {}
-        self.targets = self._roles()  # role -> module, fixed for the block's lifetime
+        self.gate, self.up = modules.rows("gate_proj"), modules.rows("up_proj")
+        self.ffn_width = self.gate.width  # I, the FFN channels
+        # q/k/v grouped by the module that computes them, each group named after its first
+        # projection: {"q_proj": (("q_proj", Rows), ...), ...}; Phi-3's qkv_proj is "q_proj".
+        self.row_parts: dict[str, tuple[tuple[str, Rows], ...]] = {}
+        if self.attn_sparsity is not None or (last and modules.has_attention):
+            self.row_parts = _group_by_module(modules)
+        # Rows of a q/k/v module that no projection owns: computed dense for every token.
+        self.unowned = {
+            name: rows
+            for name, parts in self.row_parts.items()
+            if (rows := _unowned_rows(parts)) is not None
+        }
+        # The last layer skips a module's unread rows only if nothing there but q needs them.
+        self.skippable = {"mlp", "o_proj"} | {
+            name for name, parts in self.row_parts.items() if [p for p, _ in parts] == ["q_proj"]
+        }
+        self.targets = self._targets()  # name -> module, fixed for the block's lifetime
 
     # -- installation --------------------------------------------------------------------
 
-    def _roles(self) -> dict[str, torch.nn.Module]:
-        """The modules whose forward this block takes over, by role."""
+    def _targets(self) -> dict[str, torch.nn.Module]:
+        """The modules whose forward this block takes over: "mlp", "o_proj" and the q/k/v
+        modules by their `row_parts` name."""
         m = self.modules
         out: dict[str, torch.nn.Module] = {}
-        if self.ffn_sparsity is not None:
+        if self.ffn_sparsity is not None or self.last:
             out["mlp"] = m.mlp
-        if self.attn_sparsity is not None:
-            out.update(q_proj=m.q, k_proj=m.k, v_proj=m.v, o_proj=m.o)
-        if self.last:
-            out["mlp"] = m.mlp
-            if m.has_attention:
-                out.update(q_proj=m.q, o_proj=m.o)
+        attention = self.attn_sparsity is not None
+        if attention or (self.last and m.has_attention):
+            for name, parts in self.row_parts.items():
+                if attention or name in self.skippable:
+                    out[name] = parts[0][1].module
+            out["o_proj"] = m.o
         return out
 
     def install(self) -> None:
-        for role, module in self.targets.items():
+        for name, module in self.targets.items():
             own = module.__dict__.get("forward")  # an instance-level forward (accelerate hooks)
-            self._originals[role] = (module, own)
+            self._originals[name] = (module, own)
             original = module.forward
-            if role == "mlp":
+            if name == "mlp":
                 module.forward = functools.partial(self._mlp_forward, original)
             else:
-                module.forward = functools.partial(self._projection_forward, original, role)
+                module.forward = functools.partial(self._projection_forward, original, name)
 
     def uninstall(self) -> None:
         for module, own in self._originals.values():
@@ -111,76 +135,105 @@ class SparseBlock:
         return split.merge(y_sparse, y_dense).view_as(x)
 
     def _projection_forward(
-        self, original: Callable, role: str, x: torch.Tensor, *args, **kwargs
+        self, original: Callable, name: str, x: torch.Tensor, *args, **kwargs
     ) -> torch.Tensor:
-        """x: (B, L, in) -> (B, L, out) for one of q/k/v/o."""
+        """x: (B, L, in) -> (B, L, out) for o or a module computing q, k and/or v."""
         batch = self.context.batch_for(x)
-        if role == "q_proj":
+        if name == "q_proj":
             self.context.observe(self.index, "attn", x, batch)
-        split = self._split(batch, role)
-        if split is None or split.all_dense or self._merged(role):
+        split = self._split(batch, name)
+        if split is None or split.all_dense or self._merged(name):
             return original(x, *args, **kwargs)
-        module = self.targets[role]
+        module = self.targets[name]
         flat = x.reshape(-1, x.shape[-1])
-        sparse_fn = self._sparse_o if role == "o_proj" else self._sparse_qkv
+        sparse_fn = self._sparse_o if name == "o_proj" else self._sparse_rows
         if split.all_sparse:
-            channels = self._attention_channels(batch, x, role)
+            channels = self._kept(batch, x, name)
             return sparse_fn(module, flat, channels).view(*x.shape[:-1], -1)
         y_sparse = flat.new_zeros(0, base_linear(module).out_features)
         if split.sparse_rows.numel():
-            channels = self._attention_channels(batch, x, role)
+            channels = self._kept(batch, x, name)
             y_sparse = sparse_fn(module, flat.index_select(0, split.sparse_rows), channels)
         y_dense = original(flat.index_select(0, split.dense_rows), *args, **kwargs)
-        self._record_skipped(batch, split, role)
+        self._record_skipped(batch, split, name)
         return split.merge(y_sparse, y_dense).view(*x.shape[:-1], -1)
 
-    def _split(self, batch: BatchState | None, role: str) -> TokenSplit | None:
-        """How `role` treats the tokens of `batch`: None means run the original module."""
+    def _split(self, batch: BatchState | None, name: str) -> TokenSplit | None:
+        """How target `name` treats the tokens of `batch`: None means run the original module."""
         if batch is None:
             return None
-        sparse = self.ffn_sparsity is not None if role == "mlp" else self.attn_sparsity is not None
-        if sparse and role == "o_proj" and batch.split is not None:
+        sparse = self.ffn_sparsity is not None if name == "mlp" else self.attn_sparsity is not None
+        if sparse and name == "o_proj" and batch.split is not None:
             # o reads the channels q/k/v chose; if they ran dense (merged), o runs dense too.
             sparse = "o_proj" in self.selection_for(batch)
-        if self.last and role in SKIPPABLE and batch.unread is not None:
+        if self.last and name in self.skippable and batch.unread is not None:
             return batch.skip_split(sparse)
         return batch.split if sparse else None
 
-    def _merged(self, role: str) -> bool:
+    def _merged(self, name: str) -> bool:
         """A merged adapter lives in the base weight: slicing it would add the delta twice."""
         m = self.modules
-        modules = (m.gate, m.up, m.down) if role == "mlp" else (m.projection(role),)
+        if name == "mlp":
+            modules = [m.projection(p) for p in ("gate_proj", "up_proj", "down_proj")]
+        else:
+            modules = [self.targets[name]]
         return any(is_merged(module) for module in modules)
+
+    def _kept(self, batch: BatchState, x: torch.Tensor, name: str) -> torch.Tensor:
+        """(k,) what target `name` computes on sparse tokens: o's kept input columns, or the
+        rows of a q/k/v module: each projection's kept channels at its rows, plus unowned rows."""
+        if name == "o_proj":
+            return self._attention_channels(batch, x, "o_proj")
+        parts = self.row_parts[name]
+        if len(parts) == 1 and name not in self.unowned:
+            role, rows = parts[0]
+            return rows.rows_of(self._attention_channels(batch, x, role))
+        kept = [rows.rows_of(self._attention_channels(batch, x, role)) for role, rows in parts]
+        if name in self.unowned:
+            kept.append(self.unowned[name])
+        return torch.cat(kept).sort().values  # ascending: gathers read the weight in order
 
     # -- sparse math (tokens of the sparse set only) -------------------------------------
 
     def _sparse_mlp(self, xs: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
         """xs: (n, H), keep: (k,) FFN channels -> (n, H)."""
         m = self.modules
-        gate, up, down = base_linear(m.gate), base_linear(m.up), base_linear(m.down)
-        g = ops.rows_linear(xs, gate.weight, gate.bias, keep)  # (n, k)
-        u = ops.rows_linear(xs, up.weight, up.bias, keep)  # (n, k)
-        has_lora = any(active_lora_adapters(p) for p in (m.gate, m.up, m.down))
-        if self.config.sparse_lora_branch or not has_lora:
-            g = _plus(g, lora_delta(m.gate, xs, out_rows=keep))
-            u = _plus(u, lora_delta(m.up, xs, out_rows=keep))
-            h = m.act(g) * u  # (n, k)
+        down = base_linear(m.down)
+        ffn = (m.projection(p) for p in ("gate_proj", "up_proj", "down_proj"))
+        dense_lora = not self.config.sparse_lora_branch and any(map(active_lora_adapters, ffn))
+        g, u = self._gate_up(xs, keep, dense_lora)  # (n, k) each, or (n, I) with dense LoRA
+        h = m.act(g) * u
+        if not dense_lora:
             y = ops.cols_linear(h, down.weight, down.bias, keep)  # (n, H)
             return _plus(y, lora_delta(m.down, h, in_cols=keep))
         # Dense LoRA branch: frozen weights on kept channels, adapters on every channel.
-        width = gate.out_features
-        g = _plus(ops.scatter_channels(g, keep, width), lora_delta(m.gate, xs))  # (n, I)
-        u = _plus(ops.scatter_channels(u, keep, width), lora_delta(m.up, xs))  # (n, I)
-        h = m.act(g) * u  # (n, I)
         y = ops.cols_linear(h.index_select(1, keep), down.weight, down.bias, keep)
         return _plus(y, lora_delta(m.down, h))
 
-    def _sparse_qkv(self, module, xs: torch.Tensor, channels: torch.Tensor) -> torch.Tensor:
-        """xs: (n, H) -> (n, out): kept output channels of the frozen weight, dense LoRA."""
+    def _gate_up(
+        self, xs: torch.Tensor, keep: torch.Tensor, dense_lora: bool
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Gate and up outputs on the kept channels (frozen weight plus LoRA): (n, k) each with
+        LoRA on those channels only; with `dense_lora`, (n, I) each, zeros at the frozen
+        weight's other channels plus the LoRA delta on all of them. A fused gate_up runs once."""
+        gate, up = self.gate, self.up
+        if gate.module is not up.module:
+            g = _rows_output(gate.module, xs, gate.rows_of(keep), dense_lora)
+            u = _rows_output(up.module, xs, up.rows_of(keep), dense_lora)
+            return (gate.take(g, 1), up.take(u, 1)) if dense_lora else (g, u)
+        rows = torch.cat([gate.rows_of(keep), up.rows_of(keep)])
+        both = _rows_output(gate.module, xs, rows, dense_lora)  # (n, 2k), or (n, out) fused
+        if dense_lora:
+            return gate.take(both, 1), up.take(both, 1)
+        g, u = both.split(keep.numel(), dim=1)
+        return g, u
+
+    def _sparse_rows(self, module, xs: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        """xs: (n, H) -> (n, out): kept output rows of the frozen weight, dense LoRA."""
         base = base_linear(module)
         base_in = xs.detach() if self.config.detach_sparse_base else xs
-        y = ops.rows_linear(base_in, base.weight, base.bias, channels)  # (n, k)
-        y = ops.scatter_channels(y, channels, base.out_features)  # (n, out)
+        y = ops.rows_linear(base_in, base.weight, base.bias, rows)  # (n, k)
+        y = ops.scatter_channels(y, rows, base.out_features)  # (n, out)
         return _plus(y, lora_delta(module, xs))
 
     def _sparse_o(self, module, xs: torch.Tensor, columns: torch.Tensor) -> torch.Tensor:
@@ -214,7 +267,7 @@ class SparseBlock:
             with torch.no_grad():
                 keep = self._choose_ffn(batch, x)
             chosen.update(gate_proj=keep, up_proj=keep, down_proj=keep)
-            hidden, width = x.shape[-1], base_linear(self.modules.gate).out_features
+            hidden, width = x.shape[-1], self.ffn_width
             self._record(
                 start, "ffn_kept", len(keep) / width, batch, 3 * hidden * (width - len(keep))
             )
@@ -233,8 +286,11 @@ class SparseBlock:
                 m.num_kv_heads * m.head_dim,
             )
             removed = 2 * (kv_width - len(chosen["v_proj"]))  # k rows and v rows
-            if not (self.last and batch.unread is not None):  # else q and o skip these rows
-                removed += 2 * (q_width - len(chosen["q_proj"]))  # q rows and o columns
+            skipping = self.last and batch.unread is not None  # unread rows skip q and o
+            if not (skipping and "q_proj" in self.skippable):
+                removed += q_width - len(chosen["q_proj"])  # q rows
+            if not skipping:
+                removed += q_width - len(chosen["o_proj"])  # o columns
             self._record(
                 start, "attn_kept", len(chosen["k_proj"]) / kv_width, batch, hidden * removed
             )
@@ -250,28 +306,34 @@ class SparseBlock:
         passes = 2 if torch.is_grad_enabled() else 1  # forward, plus the input-gradient backward
         stats.flops_saved += 2 * passes * macs_per_token * batch.split.sparse_rows.numel()
 
-    def _record_skipped(self, batch: BatchState, split: TokenSplit, role: str) -> None:
+    def _record_skipped(self, batch: BatchState, split: TokenSplit, name: str) -> None:
         """Count the frozen FLOPs of the rows the last layer skipped."""
         if not split.skip_rows.numel():
             return
-        base = base_linear(self.modules.gate if role == "mlp" else self.targets[role])
-        macs = base.in_features * base.out_features * (3 if role == "mlp" else 1)
+        if name == "mlp":
+            macs = 3 * base_linear(self.gate.module).in_features * self.ffn_width
+        else:
+            base = base_linear(self.targets[name])
+            macs = base.in_features * base.out_features
         passes = 2 if torch.is_grad_enabled() else 1
         self.context.stats.flops_saved += 2 * passes * macs * split.skip_rows.numel()
 
-    def _projector(self, role: str, module) -> Callable[[torch.Tensor], torch.Tensor]:
-        """(T, in) float32 -> (T, out) float32: the estimator's x A B + b, or the true x W^T + b."""
-        base = base_linear(module)
+    def _projector(self, role: str, rows: Rows) -> Callable[[torch.Tensor], torch.Tensor]:
+        """(T, in) float32 -> (T, out) float32: the estimator's x A B + b, or the true x W^T + b,
+        for projection `role` (its rows of a fused module)."""
+        base = base_linear(rows.module)
+        bias = None if base.bias is None else rows.take(base.bias)
         if self._criterion(role) == "oracle":
 
             def project(p: torch.Tensor) -> torch.Tensor:
-                return F.linear(p.to(base.weight.dtype), base.weight, base.bias).float()
+                weight = rows.take(base.weight)
+                return F.linear(p.to(weight.dtype), weight, bias).float()
 
             return project
         estimator = self.context.estimator
-        if base.bias is None:
+        if bias is None:
             return lambda p: estimator.project(self.index, role, p)
-        bias = base.bias.float()
+        bias = bias.float()
         return lambda p: estimator.project(self.index, role, p).add_(bias)
 
     def _criterion(self, role: str) -> str:
@@ -280,7 +342,7 @@ class SparseBlock:
 
     def _choose_ffn(self, batch: BatchState, x: torch.Tensor) -> torch.Tensor:
         m = self.modules
-        width = base_linear(m.gate).out_features
+        width = self.ffn_width
         k = selection.num_kept(width, self.ffn_sparsity)
         criterion = self._criterion("gate_proj")
         if criterion == "random":
@@ -289,8 +351,8 @@ class SparseBlock:
         scores = selection.ffn_scores(
             x.detach().float(),
             batch.score_mask,
-            self._projector("gate_proj", m.gate),
-            self._projector("up_proj", m.up),
+            self._projector("gate_proj", self.gate),
+            self._projector("up_proj", self.up),
             m.act,
             per_token=criterion != "seq_mean",
             max_tokens=self.config.max_score_tokens,
@@ -307,9 +369,9 @@ class SparseBlock:
         else:
             limit = self.config.max_score_tokens
             tokens = selection.scored_tokens(x.detach(), batch.score_mask, limit).float()  # (T, H)
-            q_hat = self._projector("q_proj", m.q)(tokens)  # (T, nh*hd)
-            k_hat = self._projector("k_proj", m.k)(tokens)  # (T, nkv*hd)
-            v_hat = self._projector("v_proj", m.v)(tokens)  # (T, nkv*hd)
+            q_hat = self._projector("q_proj", m.rows("q_proj"))(tokens)  # (T, nh*hd)
+            k_hat = self._projector("k_proj", m.rows("k_proj"))(tokens)  # (T, nkv*hd)
+            v_hat = self._projector("v_proj", m.rows("v_proj"))(tokens)  # (T, nkv*hd)
             qk = selection.top_k_sorted(selection.qk_kv_scores(q_hat, k_hat, nh, nkv), k)
             v = selection.top_k_sorted(selection.v_kv_scores(v_hat), k)
         qk, v = qk.to(x.device), v.to(x.device)
@@ -324,3 +386,37 @@ class SparseBlock:
 def _plus(y: torch.Tensor, delta: torch.Tensor | None) -> torch.Tensor:
     """y + a LoRA delta, summed in the wider dtype and rounded once to y's, as PEFT does."""
     return y if delta is None else (y + delta).to(y.dtype)
+
+
+def _rows_output(
+    module: torch.nn.Module, xs: torch.Tensor, rows: torch.Tensor, dense_lora: bool
+) -> torch.Tensor:
+    """xs (n, in) -> the frozen weight's `rows` (k,) plus LoRA: (n, k) with the LoRA delta on
+    those rows only, or with `dense_lora` (n, out), zeros at the other rows plus the full delta."""
+    base = base_linear(module)
+    y = ops.rows_linear(xs, base.weight, base.bias, rows)  # (n, k)
+    if not dense_lora:
+        return _plus(y, lora_delta(module, xs, out_rows=rows))
+    return _plus(ops.scatter_channels(y, rows, base.out_features), lora_delta(module, xs))
+
+
+def _group_by_module(modules: BlockModules) -> dict[str, tuple[tuple[str, Rows], ...]]:
+    """q, k and v grouped by the module that computes them, each group named after its first
+    projection (separate modules: q_proj, k_proj, v_proj; Phi-3's fused qkv_proj: q_proj)."""
+    groups: dict[int, list[tuple[str, Rows]]] = {}
+    for role in ROW_PROJECTIONS:
+        rows = modules.rows(role)
+        groups.setdefault(id(rows.module), []).append((role, rows))
+    return {parts[0][0]: tuple(parts) for parts in groups.values()}
+
+
+def _unowned_rows(parts: tuple[tuple[str, Rows], ...]) -> torch.Tensor | None:
+    """The rows of the parts' module that none of them owns (Qwen3.5's output gate), (u,) on
+    the weight's device; None when the projections cover every row."""
+    weight = base_linear(parts[0][1].module).weight
+    owned = torch.zeros(weight.shape[0], dtype=torch.bool)
+    for _, rows in parts:
+        owned[rows.rows_of(torch.arange(rows.width))] = True
+    if bool(owned.all()):
+        return None
+    return (~owned).nonzero().squeeze(1).to(weight.device)

@@ -45,7 +45,8 @@ def weights_fingerprint(weights: Mapping[Key, torch.Tensor]) -> str:
     and changes whenever a checkpoint, a merge or a fine-tune changes the weights.
     """
     digest = hashlib.sha256()
-    for (layer, proj), weight in sorted(weights.items()):
+    for layer, proj in sorted(weights):  # one weight at a time: a Mapping may build them lazily
+        weight = weights[(layer, proj)]
         flat = weight.detach().reshape(-1)
         step = max(1, flat.numel() // 4096)
         sample = flat[::step].to(device="cpu", dtype=torch.float32).contiguous()
@@ -188,7 +189,8 @@ class Estimator:
         if kind == "whitened_svd" and covariances is None:
             raise ValueError("estimator 'whitened_svd' needs input covariances (calibration data)")
         factors = {}
-        for key, weight in tqdm(sorted(weights.items()), desc="estimator", delay=2.0, leave=False):
+        for key in tqdm(sorted(weights), desc="estimator", delay=2.0, leave=False):
+            weight = weights[key]  # one at a time: a Mapping may build them lazily
             with torch.no_grad():
                 full_rank = min(rank, *weight.shape)  # a thin matrix caps the rank
                 if kind == "svd":

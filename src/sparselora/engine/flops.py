@@ -22,6 +22,10 @@ What is counted, per decoder layer:
   Identical for LoRA and SparseLoRA (q/k/v are scattered back to full width).
 - LM head: 2*T*H*V forward, the same again for its input gradient. With
   `logits_on_output_only`, only the B*out positions whose next token is labelled.
+- Gemma 4's per-layer inputs, counted under "MLP proj" (frozen, dense, every token): per
+  layer a gate H -> P and a projection P -> H, forward and input gradient; once per step the
+  projection of the embeddings H -> n_layers*P, forward (plus its input gradient with
+  `grad_to_embeddings`). P = `hidden_size_per_layer_input`.
 - Estimator (SparseLoRA, forward only, no gradient), on the scored (real) tokens: rank-r
   x A B for gate and up, 2*T*r*(H + I) each ('per_token'; 'seq_mean' on B sequence means;
   'oracle' is the dense 2*T*H*I each; 'random' is free); q, k and v 2*T*r*(H + out) each
@@ -36,38 +40,47 @@ the projections after the first adapted one do (with LoRA on q/k/v/o: o, gate, u
 not q/k/v, whose input is the frozen embedding). `grad_to_embeddings=True` counts them too (what
 `enable_input_require_grads`, used with gradient checkpointing, causes). The rule is the same for
 LoRA and SparseLoRA. No activation checkpointing is assumed (it would add a second forward).
+
+Layers may differ (Gemma 4, `ModelShape.layers`): head dim and KV heads of full-attention
+layers, FFN width (double-wide MLPs), and layers with no k/v projections of their own (they
+reuse an earlier layer's keys and values) or no v projection (the keys are the values). Such
+layers take no attention sparsity and, as the last layer, skip only their FFN.
+
+Fused and hybrid layouts (`ModelShape.modules`): Phi-3 computes q/k/v in one `qkv_proj` and
+gate/up in one `gate_up_proj`. The frozen FLOPs are those of the separate projections (the
+kept rows of each, in one matmul), a LoRA adapter is the fused module's (one A, one B of the
+fused width; an adapter named after one of its projections counts as the fused module's),
+and in the last layer q runs on every token (k and v share its matmul). Qwen3.5's q_proj also
+computes a per-head output gate, nh*hd rows that run dense on every token q runs on (its LoRA
+has the doubled width; its estimator the query's). Qwen3.5's Gated DeltaNet layers (`layer_types`
+"linear_attention") have no q/k/v/o: their projections in_proj_qkv (H -> 2*nk*dk + nv*dv),
+in_proj_z (H -> nv*dv), in_proj_b, in_proj_a (H -> nv) and out_proj (nv*dv -> H) are counted
+like frozen attention projections (dense, under "attn proj", LoRA where targeted); their core
+(causal convolution and chunked gated delta rule) is not counted: its cost depends on the
+kernel (flash-linear-attention or transformers' PyTorch fallback, chunk padding), not on the
+shapes alone, and it is the same for LoRA and SparseLoRA.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 from sparselora.config import SparseLoRAConfig, get_preset
 from sparselora.engine.selection import num_kept
+from sparselora.engine.shapes import (
+    ATTN_PROJECTIONS,
+    DEFAULT_LORA_TARGETS,
+    MLP_PROJECTIONS,
+    PAPER_MODELS,
+    SKIPPED_LAST,
+    STAGE,
+    STAGES_PER_LAYER,
+    TASK_SHAPES,
+    ModelShape,
+)
 from sparselora.presets import PRESETS
-
-ATTN_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj")
-MLP_PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
-SKIPPED_LAST = ("q_proj", "o_proj") + MLP_PROJECTIONS  # run on read positions only, last layer
-DEFAULT_LORA_TARGETS = ATTN_PROJECTIONS
-# Position along a decoder layer: q/k/v read the layer input, o the attention output, gate/up
-# the FFN input, down the FFN activation. A projection needs an input gradient iff a LoRA
-# adapter sits at an earlier position (4 positions per layer).
-STAGE = {
-    "q_proj": 0,
-    "k_proj": 0,
-    "v_proj": 0,
-    "o_proj": 1,
-    "gate_proj": 2,
-    "up_proj": 2,
-    "down_proj": 3,
-}
-STAGES_PER_LAYER = 4
 
 COMPONENTS = ("attn_proj", "mlp_proj", "attn_core", "lora", "lm_head", "estimator")
 COMPONENT_TITLES = {
@@ -79,13 +92,6 @@ COMPONENT_TITLES = {
     "estimator": "estimator",
 }
 
-# The paper's speed benchmark shapes: (sequence length, labelled tokens per sequence).
-TASK_SHAPES: dict[str, tuple[int, int]] = {
-    "math": (512, 128),
-    "commonsense": (512, 3),
-    "code": (1024, 512),
-    "chat": (2048, 512),
-}
 # Preset name suffix -> the benchmark shape of its task.
 PRESET_TASKS = {
     "csr": "commonsense",
@@ -97,116 +103,6 @@ PRESET_TASKS = {
 }
 
 TERA = 1e12
-
-
-@dataclass(frozen=True)
-class ModelShape:
-    """The sizes of a LLaMA-style decoder that decide its FLOPs."""
-
-    hidden: int
-    intermediate: int
-    num_layers: int
-    num_heads: int
-    num_kv_heads: int
-    head_dim: int
-    vocab_size: int
-
-    @classmethod
-    def from_config(cls, config: Any) -> ModelShape:
-        """From a transformers config object or its dict (config.json); head_dim and
-        num_key_value_heads default as transformers does (H / nh, nh)."""
-        if isinstance(config, Mapping):
-            if "hidden_size" not in config and isinstance(config.get("text_config"), Mapping):
-                config = config["text_config"]
-
-            def get(key):
-                return config.get(key)
-        else:
-
-            def get(key):
-                return getattr(config, key, None)
-
-        required = (
-            "hidden_size",
-            "intermediate_size",
-            "num_hidden_layers",
-            "num_attention_heads",
-            "vocab_size",
-        )
-        missing = [key for key in required if get(key) is None]
-        if missing:
-            raise ValueError(
-                f"model config lacks {missing}; a LLaMA-style decoder config needs them"
-            )
-        num_heads = int(get("num_attention_heads"))
-        return cls(
-            hidden=int(get("hidden_size")),
-            intermediate=int(get("intermediate_size")),
-            num_layers=int(get("num_hidden_layers")),
-            num_heads=num_heads,
-            num_kv_heads=int(get("num_key_value_heads") or num_heads),
-            head_dim=int(get("head_dim") or get("hidden_size") // num_heads),
-            vocab_size=int(get("vocab_size")),
-        )
-
-    def projections(self) -> dict[str, tuple[int, int]]:
-        """(in, out) features of each frozen projection of one decoder layer."""
-        h, q, kv, i = self.hidden, self.num_heads * self.head_dim, self.kv_width, self.intermediate
-        return {
-            "q_proj": (h, q),
-            "k_proj": (h, kv),
-            "v_proj": (h, kv),
-            "o_proj": (q, h),
-            "gate_proj": (h, i),
-            "up_proj": (h, i),
-            "down_proj": (i, h),
-        }
-
-    @property
-    def kv_width(self) -> int:
-        return self.num_kv_heads * self.head_dim
-
-    @property
-    def group(self) -> int:
-        return self.num_heads // self.num_kv_heads
-
-
-# Published configs (config.json on the Hugging Face Hub) of the paper's models and of the
-# embedded demo model, keyed by model id.
-_LLAMA2_7B = ModelShape(4096, 11008, 32, 32, 32, 128, 32000)
-_LLAMA3_8B = ModelShape(4096, 14336, 32, 32, 8, 128, 128256)
-PAPER_MODELS: dict[str, ModelShape] = {
-    "meta-llama/Llama-2-7b-hf": _LLAMA2_7B,
-    "meta-llama/Llama-2-13b-hf": ModelShape(5120, 13824, 40, 40, 40, 128, 32000),
-    "meta-llama/Meta-Llama-3-8B": _LLAMA3_8B,
-    "meta-llama/Meta-Llama-3-8B-Instruct": _LLAMA3_8B,
-    "meta-llama/Llama-3.1-8B": _LLAMA3_8B,
-    "HuggingFaceTB/SmolLM2-135M-Instruct": ModelShape(576, 1536, 30, 9, 3, 64, 49152),
-}
-MODEL_ALIASES = {
-    "llama2-7b": "meta-llama/Llama-2-7b-hf",
-    "llama2-13b": "meta-llama/Llama-2-13b-hf",
-    "llama3-8b": "meta-llama/Meta-Llama-3-8B",
-    "llama3-8b-instruct": "meta-llama/Meta-Llama-3-8B-Instruct",
-    "llama3.1-8b": "meta-llama/Llama-3.1-8B",
-    "smollm2-135m": "HuggingFaceTB/SmolLM2-135M-Instruct",
-}
-
-
-def load_shape(model: str) -> ModelShape:
-    """A model id or alias of PAPER_MODELS, or a local directory (or file) with config.json."""
-    model_id = MODEL_ALIASES.get(model.lower(), model)
-    if model_id in PAPER_MODELS:
-        return PAPER_MODELS[model_id]
-    path = Path(model)
-    if path.is_dir():
-        path = path / "config.json"
-    if not path.is_file():
-        raise ValueError(
-            f"model {model!r} is neither a known model ({sorted(MODEL_ALIASES)} or "
-            f"{sorted(PAPER_MODELS)}) nor a directory holding config.json"
-        )
-    return ModelShape.from_config(json.loads(path.read_text()))
 
 
 def preset_task(name: str) -> str:
@@ -232,50 +128,49 @@ def _lora(tokens: int, d_in: int, d_out: int, rank: int, input_grad: bool) -> in
 
 
 def _kept_projections(
-    shape: ModelShape, ffn_sparsity: float | None, attn_sparsity: float | None
+    shape: ModelShape, layer: int, ffn_sparsity: float | None, attn_sparsity: float | None
 ) -> dict[str, tuple[int, int]]:
-    """(in, out) features each frozen projection computes on sparse tokens of one layer."""
-    dims = shape.projections()
+    """(in, out) features each frozen projection computes on sparse tokens of `layer`."""
+    dims = shape.projections(layer)
+    geometry = shape.layer(layer)
     h = shape.hidden
     if ffn_sparsity is not None:
-        k = num_kept(shape.intermediate, ffn_sparsity)
+        k = num_kept(geometry.intermediate, ffn_sparsity)
         dims.update(gate_proj=(h, k), up_proj=(h, k), down_proj=(k, h))
     if attn_sparsity is not None:
-        k_qk = num_kept(shape.kv_width, attn_sparsity)
-        k_v = num_kept(shape.kv_width, attn_sparsity)
-        g = shape.group
+        k_qk = num_kept(geometry.kv_width, attn_sparsity)
+        k_v = num_kept(geometry.kv_width, attn_sparsity)
+        g = shape.num_heads // geometry.num_kv_heads
         dims.update(q_proj=(h, k_qk * g), k_proj=(h, k_qk), v_proj=(h, k_v), o_proj=(k_v * g, h))
     return dims
 
 
 def _estimator(
-    shape: ModelShape,
+    dims: Mapping[str, tuple[int, int]],
     config: SparseLoRAConfig,
-    num_ffn: int,
-    num_attn: int,
+    ffn: bool,
+    attn: bool,
     scored: int,
     batch: int,
 ) -> int:
-    """Forward-only cost of choosing the channels of `num_ffn` FFN and `num_attn` attention
-    sparse layers on `scored` tokens (or `batch` sequence means)."""
-    dims = shape.projections()
+    """Forward-only cost of choosing the FFN (`ffn`) and attention (`attn`) channels of one
+    layer of projection sizes `dims` on `scored` tokens (or `batch` sequence means)."""
     rank = config.estimator_rank
-    per_ffn = 0
-    if config.ffn_criterion in ("per_token", "seq_mean"):
+    cost = 0
+    if ffn and config.ffn_criterion in ("per_token", "seq_mean"):
         points = scored if config.ffn_criterion == "per_token" else batch
         for proj in ("gate_proj", "up_proj"):
             d_in, d_out = dims[proj]
-            per_ffn += 2 * points * min(rank, d_in, d_out) * (d_in + d_out)
-    elif config.ffn_criterion == "oracle":
-        per_ffn = sum(_matmul(scored, *dims[p]) for p in ("gate_proj", "up_proj"))
-    per_attn = 0
-    for proj in ("q_proj", "k_proj", "v_proj"):
+            cost += 2 * points * min(rank, d_in, d_out) * (d_in + d_out)
+    elif ffn and config.ffn_criterion == "oracle":
+        cost += sum(_matmul(scored, *dims[p]) for p in ("gate_proj", "up_proj"))
+    for proj in ("q_proj", "k_proj", "v_proj") if attn else ():
         d_in, d_out = dims[proj]
         if config.attn_criterion == "norm":
-            per_attn += 2 * scored * min(rank, d_in, d_out) * (d_in + d_out)
+            cost += 2 * scored * min(rank, d_in, d_out) * (d_in + d_out)
         elif config.attn_criterion == "oracle":
-            per_attn += _matmul(scored, d_in, d_out)
-    return per_ffn * num_ffn + per_attn * num_attn
+            cost += _matmul(scored, d_in, d_out)
+    return cost
 
 
 def step_flops(
@@ -308,8 +203,35 @@ def step_flops(
     if unknown or not lora_targets:
         raise ValueError(f"lora_targets {unknown or '[]'}: choose from {list(STAGE)}")
 
+    def adapted(module: str, parts: tuple[str, ...]) -> bool:
+        return module in lora_targets or any(p in lora_targets for p in parts)
+
+    first_adapted = min(
+        (
+            layer * STAGES_PER_LAYER + STAGE[parts[0]]
+            for layer in range(shape.num_layers)
+            for module, (_, parts) in shape.modules(layer).items()
+            if adapted(module, parts)
+        ),
+        default=None,
+    )
+    if first_adapted is None:
+        raise ValueError(f"lora_targets {list(lora_targets)} name no module of this model")
+
     tokens = batch * seq_len
     ffn, attn = ({}, {}) if config is None else config.layer_sparsity(shape.num_layers)
+    refused = sorted(i for i in attn if shape.layer(i).kv != "own")
+    if refused:
+        raise ValueError(
+            f"attn_sparsity names layer(s) {refused}, whose keys and values are not their own "
+            "(shared with an earlier layer, or keys used as values); remove them"
+        )
+    linear = sorted(set(attn) & set(shape.linear_layers))
+    if linear:
+        raise ValueError(
+            f"attn_sparsity names layer(s) {linear}, which are linear attention (Gated "
+            "DeltaNet): no q/k/v/o to sparsify; remove them"
+        )
     # Token sets of one sequence: the last `out_tokens` are labelled; position t is read by the
     # loss when t + 1 is labelled; the sparse set follows config.output_tokens.
     labelled = set(range(seq_len - out_tokens, seq_len))
@@ -331,22 +253,36 @@ def step_flops(
     last_dense = batch * len(read - sparse_set)
     detach = config is not None and config.detach_sparse_base
     sparse_lora = config is not None and config.sparse_lora_branch
-    first_adapted = min(STAGE[p] for p in lora_targets)
+    scored = (
+        tokens
+        if config is not None and not config.exclude_padding
+        else batch * (seq_len - pad_tokens)
+    )
 
     flops = dict.fromkeys(COMPONENTS, 0)
-    full = shape.projections()
-    core_forward = 4 * batch * shape.num_heads * seq_len**2 * shape.head_dim
-    estimated_ffn = len(ffn)
     for layer in range(shape.num_layers):
-        kept = _kept_projections(shape, ffn.get(layer), attn.get(layer))
+        geometry = shape.layer(layer)
+        full = shape.projections(layer)
+        kept = _kept_projections(shape, layer, ffn.get(layer), attn.get(layer))
         position = layer * STAGES_PER_LAYER
         last = skip_last and layer == shape.num_layers - 1
-        if last and layer in ffn and last_sparse == 0:
-            estimated_ffn -= 1  # no FFN token left sparse: no channels are chosen
+        modules = shape.modules(layer)
+        # A layer without its own keys and values skips only its FFN (no q/o of its own); a
+        # module skips only if every projection it computes may (Phi-3's qkv_proj may not).
+        own = geometry.kv == "own" and layer not in shape.linear_layers
+        may_skip = SKIPPED_LAST if own else MLP_PROJECTIONS
+        skipped = {p for _, parts in modules.values() if set(parts) <= set(may_skip) for p in parts}
+        if config is not None:
+            chooses_ffn = layer in ffn and not (last and last_sparse == 0)  # else none left
+            flops["estimator"] += _estimator(
+                full, config, chooses_ffn, layer in attn, scored, batch
+            )
         for proj, (d_in, d_out) in full.items():
             k_in, k_out = kept[proj]
+            extra = shape.query_gate_rows(proj)  # rows computed densely beside the projection
+            d_out, k_out = d_out + extra, k_out + extra
             n_sparse, n_dense = sparse_tokens, tokens - sparse_tokens
-            if last and proj in SKIPPED_LAST:
+            if last and proj in skipped:
                 n_sparse, n_dense = last_sparse, last_dense
             sparse = _matmul(n_sparse, k_in, k_out)
             forward = _matmul(n_dense, d_in, d_out) + sparse
@@ -354,22 +290,33 @@ def step_flops(
             backward = forward if input_grad else 0
             if input_grad and detach and layer in attn and proj in ATTN_PROJECTIONS:
                 backward -= sparse  # the reference's cut gradient, for comparison
-            flops["attn_proj" if proj in ATTN_PROJECTIONS else "mlp_proj"] += forward + backward
-            if proj in lora_targets:
-                lora_in, lora_out = (d_in, d_out)
-                if sparse_lora and layer in ffn and proj in MLP_PROJECTIONS:
-                    lora_in, lora_out = k_in, k_out
-                flops["lora"] += _lora(n_dense, d_in, d_out, lora_rank, input_grad)
-                flops["lora"] += _lora(n_sparse, lora_in, lora_out, lora_rank, input_grad)
+            flops["mlp_proj" if proj in MLP_PROJECTIONS else "attn_proj"] += forward + backward
+        for module, ((d_in, d_out), parts) in modules.items():
+            if not adapted(module, parts):
+                continue
+            n_sparse, n_dense = sparse_tokens, tokens - sparse_tokens
+            if last and parts[0] in skipped:
+                n_sparse, n_dense = last_sparse, last_dense
+            input_grad = grad_to_embeddings or position + STAGE[parts[0]] > first_adapted
+            lora_in, lora_out = (d_in, d_out)
+            if sparse_lora and layer in ffn and parts[0] in MLP_PROJECTIONS:
+                lora_in, lora_out = kept[parts[0]][0], sum(kept[p][1] for p in parts)
+            flops["lora"] += _lora(n_dense, d_in, d_out, lora_rank, input_grad)
+            flops["lora"] += _lora(n_sparse, lora_in, lora_out, lora_rank, input_grad)
+        core_forward = 4 * batch * shape.num_heads * seq_len**2 * geometry.head_dim
+        if layer in shape.linear_layers:
+            core_forward = 0  # the Gated DeltaNet core is not counted (module docstring)
         core_backward = grad_to_embeddings or position >= first_adapted
         flops["attn_core"] += core_forward * (3 if core_backward else 1)
+        # Per-layer input gate and projection: after the FFN, so always an input gradient.
+        flops["mlp_proj"] += 2 * 2 * _matmul(tokens, shape.hidden, shape.per_layer_input)
 
+    passes = 2 if grad_to_embeddings else 1  # the per-layer inputs' projection of the embeddings
+    per_layer_inputs = shape.num_layers * shape.per_layer_input
+    flops["mlp_proj"] += passes * _matmul(tokens, shape.hidden, per_layer_inputs)
     head_on_read = logits_on_output_only or (config is not None and config.labelled_logits)
     lm_tokens = batch * len(read) if head_on_read else tokens
     flops["lm_head"] = 2 * _matmul(lm_tokens, shape.hidden, shape.vocab_size)
-    if config is not None:
-        scored = batch * (seq_len - pad_tokens) if config.exclude_padding else tokens
-        flops["estimator"] = _estimator(shape, config, estimated_ffn, len(attn), scored, batch)
 
     result = {name: float(value) for name, value in flops.items()}
     result["total"] = float(sum(flops.values()))

@@ -307,28 +307,23 @@ def apply_sparselora(
     modules = {i: family.block(layers[i], i, base.config) for i in sorted(wrapped)}
     _check_attention_layers(attn, modules)
     for i, block in modules.items():
-        targets = ([block.gate, block.up, block.down] if i in ffn else []) + (
-            [block.q, block.k, block.v, block.o] if i in attn else []
-        )
-        for target in targets:
+        names = (FFN_PROJECTIONS if i in ffn else ()) + (ATTN_PROJECTIONS if i in attn else ())
+        for target in {id(m): m for m in map(block.projection, names)}.values():
             base_linear(target)
             check_supported(target, f"layer {i}")
 
-    keys = _estimator_keys(config, ffn, attn)
-    weights = {(i, p): base_linear(modules[i].projection(p)).weight for i, p in keys}
-    every_layer = [family.block(layer, i, base.config) for i, layer in enumerate(layers)]
+    weights = ProjectionWeights(modules, _estimator_keys(config, ffn, attn))
+    every_layer = {i: family.block(layer, i, base.config) for i, layer in enumerate(layers)}
     fingerprint = weights_fingerprint(
-        {
-            (b.index, p): base_linear(b.projection(p)).weight
-            for b in every_layer
-            for p in ESTIMATED
-            if b.projection(p) is not None
-        }
+        ProjectionWeights(
+            every_layer,
+            [(i, p) for i, b in every_layer.items() for p in ESTIMATED if b.rows(p) is not None],
+        )
     )
     cache = EstimatorCache(cache_dir) if use_cache else None
 
     context = ForwardContext(config)
-    if keys:
+    if weights:
         model_name = getattr(base.config, "_name_or_path", None)
         context.estimator = _initial_estimator(
             config, estimator, cache, weights, fingerprint, model_name
@@ -364,6 +359,35 @@ def apply_sparselora(
         config.estimator_rank,
     )
     return handle
+
+
+FFN_PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
+ATTN_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj")
+
+
+class ProjectionWeights(Mapping[Key, torch.Tensor]):
+    """The frozen weight (out, in) of each (layer, projection), read when accessed.
+
+    A projection that is a span of a fused module's rows (Phi-3) is a view of that weight; one
+    interleaved with other rows (Qwen3.5's q) is gathered at each access, so no copy outlives
+    the fit, fingerprint or shape check that reads it. Unfused: a view of the whole weight.
+    """
+
+    def __init__(self, blocks: Mapping[int, BlockModules], keys: Iterable[Key]) -> None:
+        self._blocks = blocks
+        self._keys = dict.fromkeys(keys)
+
+    def __getitem__(self, key: Key) -> torch.Tensor:
+        if key not in self._keys:
+            raise KeyError(key)
+        rows = self._blocks[key[0]].rows(key[1])
+        return rows.take(base_linear(rows.module).weight)
+
+    def __iter__(self) -> Iterator[Key]:
+        return iter(self._keys)
+
+    def __len__(self) -> int:
+        return len(self._keys)
 
 
 def _check_attention_layers(attn: Mapping[int, float], modules: Mapping[int, BlockModules]) -> None:

@@ -40,8 +40,9 @@ from torch import nn
 from tqdm import tqdm
 
 from sparselora.config import ConfigError, SparseLoRAConfig, check_choice, doc
-from sparselora.engine.flops import ModelShape, step_flops
+from sparselora.engine.flops import step_flops
 from sparselora.engine.handle import SparseLoRA
+from sparselora.engine.shapes import ModelShape
 from sparselora.perf.common import (
     MIB,
     BenchShape,

@@ -31,8 +31,8 @@ from sparselora.config import (
     doc,
     get_preset,
 )
-from sparselora.engine.flops import STAGE, TASK_SHAPES
 from sparselora.engine.handle import SparseLoRA, apply_sparselora
+from sparselora.engine.shapes import STAGE, TASK_SHAPES
 from sparselora.recipes.loading import (
     ATTN_IMPLEMENTATIONS,
     DEVICES,

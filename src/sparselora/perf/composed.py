@@ -39,8 +39,9 @@ import torch
 from tqdm import tqdm
 
 from sparselora.config import ConfigError, doc
-from sparselora.engine.flops import ModelShape, load_shape, step_flops
+from sparselora.engine.flops import step_flops
 from sparselora.engine.handle import SparseLoRA
+from sparselora.engine.shapes import ModelShape, load_shape
 from sparselora.perf.bench import BenchConfig, BenchRow, run_benchmark
 from sparselora.perf.common import (
     BenchShape,

@@ -31,8 +31,8 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from sparselora.config import SparseLoRAConfig
-from sparselora.engine.flops import ModelShape
 from sparselora.engine.savings import labelled_loss
+from sparselora.engine.shapes import ModelShape
 from sparselora.perf.common import (
     BenchShape,
     MeasureConfig,

@@ -95,7 +95,8 @@ def format_prompt(
 
     Templates:
         ``auto``: ``alpaca`` for alpaca records, ``raw`` for completion records, ``chat`` for chat
-            records.
+            records, or ``alpaca`` for them when the tokenizer has no chat template (a base
+            model such as Gemma-3-270M).
         ``alpaca``: the Alpaca prompt. Completion records use their prompt as the instruction;
             chat records must be a single user message.
         ``chat``: ``tokenizer.apply_chat_template(messages, add_generation_prompt=True)``. Alpaca
@@ -107,10 +108,7 @@ def format_prompt(
         ValueError: unknown template, a chat record under ``alpaca``/``raw`` that is not one user
             message, or ``chat`` without a tokenizer that has a chat template.
     """
-    if template not in TEMPLATES:
-        raise ValueError(f"template must be one of {TEMPLATES}, got {template!r}")
-    if template == "auto":
-        template = AUTO_TEMPLATE[record["kind"]]
+    template = resolved_template(record, tokenizer, template)
     if template == "chat":
         messages = record["prompt"] if record["kind"] == "chat" else _as_user_message(record)
         if tokenizer is None or not getattr(tokenizer, "chat_template", None):
@@ -124,6 +122,20 @@ def format_prompt(
     if template == "alpaca":
         return alpaca_prompt(instruction, context)
     return f"{instruction}\n\n{context}" if context else instruction
+
+
+def resolved_template(
+    record: Record, tokenizer: PreTrainedTokenizerBase | None, template: str
+) -> str:
+    """The template ``record`` is formatted with: ``template``, or what ``auto`` means for it."""
+    if template not in TEMPLATES:
+        raise ValueError(f"template must be one of {TEMPLATES}, got {template!r}")
+    if template != "auto":
+        return template
+    template = AUTO_TEMPLATE[record["kind"]]
+    if template == "chat" and not getattr(tokenizer, "chat_template", None):
+        return "alpaca"  # a base model's tokenizer: single-turn chat records as Alpaca prompts
+    return template
 
 
 def _single_turn(record: Record, template: str) -> tuple[str, str]:
@@ -252,9 +264,7 @@ def _tokenize_prompts(
 ) -> list[list[int]]:
     """Prompt ids per record; chat-rendered text gets no extra special tokens (no double BOS)."""
     texts = [format_prompt(r, tokenizer, template) for r in records]
-    is_chat = [
-        (template if template != "auto" else AUTO_TEMPLATE[r["kind"]]) == "chat" for r in records
-    ]
+    is_chat = [resolved_template(r, tokenizer, template) == "chat" for r in records]
     ids: list[list[int]] = [[] for _ in records]
     for chat in (True, False):
         positions = [i for i, flag in enumerate(is_chat) if flag == chat]

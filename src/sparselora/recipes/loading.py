@@ -1,8 +1,9 @@
 """One way to load a model, resolve a dtype and add LoRA, for training, evaluation, export and
 the benchmarks alike.
 
-A model name is the embedded default (`EMBEDDED_MODEL`, converted once from the offline GGUF,
-see `assets.py`), a local directory with a `config.json`, or a Hugging Face hub id. With
+A model name is an embedded model (`EMBEDDED_MODELS`: the default `EMBEDDED_MODEL` and
+`gemma3-270m`, each converted once from an offline GGUF package, see `assets.py`), a local
+directory with a `config.json`, or a Hugging Face hub id. With
 `random_weights` it may also be a paper model alias of `sparselora.engine.flops` (`llama3-8b`,
 ...): the model is then built from its shape with random weights, for speed measurements.
 """
@@ -18,11 +19,15 @@ from peft import LoraConfig, get_peft_model
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, LlamaConfig
 
-from sparselora.engine.flops import ModelShape, load_shape
+from sparselora.engine.shapes import ModelShape, load_shape
+from sparselora.recipes.assets import gemma3_270m_path, smollm2_path
 
 logger = logging.getLogger(__name__)
 
 EMBEDDED_MODEL = "smollm2-135m-instruct"
+GEMMA3_MODEL = "gemma3-270m"
+# Offline models: alias -> the function that returns its cache folder (converting on first use).
+EMBEDDED_MODELS = {EMBEDDED_MODEL: smollm2_path, GEMMA3_MODEL: gemma3_270m_path}
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 DEVICES = ("auto", "cpu", "cuda")
 METHODS = ("lora", "sparselora")
@@ -77,7 +82,7 @@ def load_model(
     device = resolve_device(device) if isinstance(device, str) else device
     torch_dtype = resolve_dtype(dtype, device)
     if random_weights:
-        if name == EMBEDDED_MODEL or Path(name).is_dir():
+        if name in EMBEDDED_MODELS or Path(name).is_dir():
             model_config = AutoConfig.from_pretrained(_local_path(name))
         else:
             model_config = llama_config(load_shape(name))
@@ -102,12 +107,10 @@ def load_tokenizer(name: str = EMBEDDED_MODEL):
 
 
 def _local_path(name: str) -> str:
-    """The embedded model's cache folder (converted on first use), else `name` unchanged."""
-    if name != EMBEDDED_MODEL:
+    """An embedded model's cache folder (converted on first use), else `name` unchanged."""
+    if name not in EMBEDDED_MODELS:
         return name
-    from sparselora.recipes.assets import smollm2_path
-
-    return str(smollm2_path())
+    return str(EMBEDDED_MODELS[name]())
 
 
 def add_lora(

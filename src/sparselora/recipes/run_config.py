@@ -29,8 +29,9 @@ class ModelSection:
     name: str = field(
         default=EMBEDDED_MODEL,
         metadata=doc(
-            "'smollm2-135m-instruct' (embedded, offline), a Hugging Face model id, or a local "
-            "directory with config.json."
+            "'smollm2-135m-instruct' or 'gemma3-270m' (embedded, offline; Gemma-3-270M is a base "
+            "model under the Gemma terms of use), a Hugging Face model id, or a local directory "
+            "with config.json."
         ),
     )
     dtype: str = field(

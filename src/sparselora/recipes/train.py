@@ -31,10 +31,11 @@ from transformers import Trainer, TrainerCallback, TrainingArguments
 from transformers import set_seed as hf_set_seed
 
 from sparselora.config import IGNORE_INDEX
-from sparselora.engine.flops import STAGE as FLOPS_TARGETS
-from sparselora.engine.flops import ModelShape, step_flops
+from sparselora.engine.flops import step_flops
 from sparselora.engine.handle import SparseLoRA, apply_sparselora
 from sparselora.engine.schedule import SparseLoRACallback
+from sparselora.engine.shapes import STAGE as FLOPS_TARGETS
+from sparselora.engine.shapes import ModelShape
 from sparselora.recipes.data import Collator, calibration_batches, tokenize_records
 from sparselora.recipes.loading import add_lora, load_model, load_tokenizer, resolve_dtype
 from sparselora.recipes.records import load_records

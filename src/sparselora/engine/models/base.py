@@ -9,26 +9,67 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from sparselora.engine.peft_compat import base_linear
+
+
+@dataclass(frozen=True, eq=False)
+class Rows:
+    """One logical projection stored as some output rows of a (possibly fused) linear module.
+
+    Channel c of the projection is row `offset + (c // group) * stride + c % group` of
+    `module`: one contiguous span by default (group = width), or `width / group` groups of
+    `group` rows, `stride` rows apart (a per-head interleaved layout). Phi-3's `qkv_proj` holds
+    q, k and v as three spans, its `gate_up_proj` gate then up; Qwen3.5's `q_proj` holds per
+    head hd query rows then hd rows of its output gate (group hd, stride 2*hd). Rows of a module
+    that belong to no logical projection (that gate) always run dense.
+    """
+
+    module: nn.Module
+    offset: int
+    width: int
+    group: int | None = None  # rows per group; None: one span of `width` rows
+    stride: int | None = None  # rows from one group's start to the next's
+
+    @classmethod
+    def whole(cls, module: nn.Module) -> Rows:
+        """Every row of an unfused projection, in order."""
+        return cls(module, 0, base_linear(module).out_features)
+
+    def rows_of(self, channels: torch.Tensor) -> torch.Tensor:
+        """(k,) channel indices -> (k,) row indices of `module` (the same tensor if unfused)."""
+        if self.group is None:
+            return channels if self.offset == 0 else channels + self.offset
+        return self.offset + channels // self.group * self.stride + channels % self.group
+
+    def take(self, tensor: torch.Tensor, dim: int = 0) -> torch.Tensor:
+        """This projection's part of a tensor indexed by `module`'s rows along `dim` (its
+        weight or bias: dim 0; an output (n, out): dim 1). A view for a span, else a copy."""
+        if self.group is None:
+            return tensor.narrow(dim, self.offset, self.width)
+        index = self.rows_of(torch.arange(self.width, device=tensor.device))
+        return tensor.index_select(dim, index)
+
 
 @dataclass
 class BlockModules:
     """The modules of one decoder layer that SparseLoRA wraps, and its attention geometry.
 
-    Projections may be PEFT `lora.Linear` wrappers or plain `nn.Linear`. A layer without
-    standard softmax attention of its own (a linear-attention layer of a hybrid model, a layer
+    Projections may be PEFT `lora.Linear` wrappers or plain `nn.Linear`; gate, up, q, k and v
+    may instead be `Rows` of a fused module (the same module for several of them). A layer
+    without standard softmax attention of its own (a linear-attention layer of a hybrid model, a layer
     that reuses another layer's keys and values) has q, k, v and o None and says why in
     `no_attention`: its FFN can be sparse, its attention cannot.
     """
 
     index: int
     mlp: nn.Module
-    gate: nn.Module
-    up: nn.Module
+    gate: nn.Module | Rows
+    up: nn.Module | Rows
     down: nn.Module
     act: Callable[[torch.Tensor], torch.Tensor]
-    q: nn.Module | None
-    k: nn.Module | None
-    v: nn.Module | None
+    q: nn.Module | Rows | None
+    k: nn.Module | Rows | None
+    v: nn.Module | Rows | None
     o: nn.Module | None
     num_heads: int
     num_kv_heads: int
@@ -40,7 +81,19 @@ class BlockModules:
         return self.q is not None
 
     def projection(self, name: str) -> nn.Module | None:
-        """The projection module by its HF name: 'gate_proj', 'q_proj', ... (None: absent)."""
+        """The module that computes projection `name` ('gate_proj', 'q_proj', ...; for a fused
+        one, the fused module); None if the layer has none."""
+        part = self._parts()[name]
+        return part.module if isinstance(part, Rows) else part
+
+    def rows(self, name: str) -> Rows | None:
+        """Projection `name` as rows of its module (all of them when unfused); None if absent."""
+        part = self._parts()[name]
+        if part is None or isinstance(part, Rows):
+            return part
+        return Rows.whole(part)
+
+    def _parts(self) -> dict[str, nn.Module | Rows | None]:
         return {
             "gate_proj": self.gate,
             "up_proj": self.up,
@@ -49,7 +102,7 @@ class BlockModules:
             "k_proj": self.k,
             "v_proj": self.v,
             "o_proj": self.o,
-        }[name]
+        }
 
 
 @dataclass
