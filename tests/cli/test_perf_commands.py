@@ -284,6 +284,29 @@ def test_flops(capsys):
     assert len(json.loads(capsys.readouterr().out)) == len(PRESETS)
 
 
+def test_flops_transfer_moves_the_preset_by_relative_depth(capsys, tmp_path):
+    from sparselora.config import get_preset
+    from sparselora.engine.flops import compare
+    from sparselora.engine.shapes import load_shape
+
+    argv = ["flops", "--preset", "llama3-8b-math10k", "--model", "qwen3-8b", "--format", "json"]
+    assert run([*argv, "--transfer"]) == 0
+    moved = json.loads(capsys.readouterr().out)[0]
+    assert run(argv) == 0
+    same_indices = json.loads(capsys.readouterr().out)[0]
+    shape = load_shape("qwen3-8b")
+    assert shape.num_layers == 36
+    expected = compare(shape, 512, 128, get_preset("llama3-8b-math10k").at_depth(32, 36))
+    assert moved["preset"] == "llama3-8b-math10k @ 36 layers"
+    assert moved["sparselora_tflops"] == pytest.approx(expected["sparselora_tflops"], rel=1e-12)
+    # 3-30 of 32 moved to 36 layers is 3-34: more sparse layers, fewer FLOPs than 3-30 of 36
+    assert moved["sparselora_tflops"] < same_indices["sparselora_tflops"]
+    no_preset = tmp_path / "sparse.yaml"
+    no_preset.write_text(yaml.safe_dump({"ffn_sparsity": {"3-30": 0.99}}))
+    assert run(["flops", "--config", str(no_preset), "--model", "qwen3-8b", "--transfer"]) == 2
+    assert "--transfer moves a preset" in capsys.readouterr().err
+
+
 def test_flops_speedups_of_docs_flops_md(capsys):
     """docs/FLOPS.md: llama3-8b-math10k at math is 2.42x, 2.06x without the exact savings."""
     for flag, speedup in (([], 2.42), (["--no-exact-savings"], 2.06)):

@@ -146,6 +146,12 @@ def _add_flops(subparsers: argparse._SubParsersAction) -> None:
         "(default: the preset's model)",
     )
     parser.add_argument(
+        "--transfer",
+        action="store_true",
+        help="move the preset to --model's depth by relative depth (a preset written for a "
+        "32-layer model on a 36-layer one: SparseLoRAConfig.at_depth)",
+    )
+    parser.add_argument(
         "--task", choices=sorted(TASK_SHAPES), help="benchmark shape (default: the preset's)"
     )
     parser.add_argument(
@@ -216,6 +222,14 @@ def _flops_rows(args: argparse.Namespace, common: dict) -> list[dict]:
         seq_len, task = args.seq_len, "custom"
     if args.out_tokens is not None:
         out_tokens, task = args.out_tokens, "custom"
-    row = {"preset": config.preset or args.config, "model": model, "task": task}
-    row.update(compare(load_shape(model), seq_len, out_tokens, config, **common))
+    shape = load_shape(model)
+    name = config.preset or args.config
+    if args.transfer:
+        if preset is None:
+            raise ValueError("--transfer moves a preset; --config names no preset's depth")
+        if preset.num_layers != shape.num_layers:
+            config = config.at_depth(preset.num_layers, shape.num_layers)
+            name = f"{name} @ {shape.num_layers} layers"
+    row = {"preset": name, "model": model, "task": task}
+    row.update(compare(shape, seq_len, out_tokens, config, **common))
     return [row]
