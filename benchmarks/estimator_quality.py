@@ -1,8 +1,9 @@
 """How well do the SVD estimators pick the channels the true activations would pick?
 
 Rebuilds the first measurement (docs/METHOD.md, section 2.4 'The first measurement') with the
-library's own estimator and scoring code, on the embedded SmolLM2-135M-Instruct (fp32, eval) and
-GSM8K "question + answer" texts:
+library's own estimator and scoring code, on a causal LM (`--model`: an alias of
+`sparselora.recipes.loading`, by default the embedded SmolLM2-135M-Instruct; `gemma3-270m` is the
+other embedded one) in fp32, eval mode, and GSM8K "question + answer" texts:
 
 1. Calibration: forward `--calib` sequences through the dense model and accumulate, per layer,
    C = mean over tokens of x^T x for the attention input (input of q_proj) and the FFN input
@@ -11,22 +12,36 @@ GSM8K "question + answer" texts:
    inputs plus the o_proj input, and for every layer, estimator kind, rank, criterion and keep
    fraction compare the estimator's kept channels with the ORACLE's (same score on the true
    activations, every token):
-   - FFN: a = silu(x Wg^T) * (x Wu^T); oracle score_j = ||a[:, j]|| over tokens.
+   - FFN: a = act(x Wg^T) * (x Wu^T) with the layer's own `mlp.act_fn` (SiLU for LLaMA,
+     gelu_pytorch_tanh for Gemma's GeGLU); oracle score_j = ||a[:, j]|| over tokens.
      error = ||a_kept Wd^T - a Wd^T|| / ||a Wd^T|| (non-kept channels zeroed).
-   - Q/K: oracle = qk_kv_scores on the true q, k. error = relative Frobenius error of the causal
-     attention logits q k^T of all heads when only the kept channels (KV channels, and the query
-     channels `kv_to_query_channels` maps them to) are non-zero; `error` ignores RoPE,
-     `error_rope` applies the model's RoPE after masking, as the sparse block does.
+   - Q/K: oracle = qk_kv_scores on the true q, k (the projections' outputs, which the estimator
+     approximates). error = relative Frobenius error of the causal attention logits q k^T of all
+     heads when only the kept channels (KV channels, and the query channels
+     `kv_to_query_channels` maps them to) are non-zero. `error` uses the raw projections (no
+     q/k norm, no RoPE). `error_rope` is what the attention computes from the masked
+     projections, as the sparse block does: the layer's own q_norm / k_norm first where the
+     family has them (Gemma 3: an RMSNorm per head, so a head is normalised over its kept
+     channels with zeros elsewhere), then the model's RoPE with the cos/sin the model passed to
+     that layer (Gemma 3's sliding and full layers use different bases). Causal mask, plus the
+     layer's sliding window if shorter than the sequence. The attention scale (1/sqrt(hd), or
+     Gemma's query_pre_attn_scalar) is a constant and cancels; attention-logit soft-capping
+     (Gemma 2) is not applied.
    - V: oracle = v_kv_scores on the true v. error = ||v_dropped|| / ||v|| per token;
      `error_o_proj` = relative error of the attention block output o_proj(attn_out) with the
      attention-output channels fed by dropped V channels zeroed (exact: they are zero then).
    recall = |est ∩ oracle| / k. Metrics are averaged over held-out sequences, then layers.
+
+Geometry (heads, KV heads, head_dim) is read from each layer's attention module, not from
+hidden / heads (Gemma 3: head_dim 256 with hidden 640 and 4 heads).
 
 Rows: `oracle`, `random` (uniform draw), `exact seq_mean` (FFN only: full-rank weights with the
 paper's per-sequence mean input, i.e. the criterion's loss without the estimator's), and
 `{svd,whitened_svd} r{rank} [{seq_mean,per_token}]`.
 
     .venv/bin/python benchmarks/estimator_quality.py --csv docs/estimator_quality.csv
+    .venv/bin/python benchmarks/estimator_quality.py --model gemma3-270m \
+        --csv docs/estimator_quality_gemma3.csv
 """
 
 from __future__ import annotations
@@ -34,14 +49,14 @@ from __future__ import annotations
 import argparse
 import csv
 import datetime
+import sys
 import time
 from collections import defaultdict
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from tqdm.auto import tqdm
-from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+from transformers.models.llama import modeling_llama
 
 from sparselora.engine.estimator import svd_factors, whitened_svd_factors
 from sparselora.engine.selection import (
@@ -53,7 +68,8 @@ from sparselora.engine.selection import (
     top_k_sorted,
     v_kv_scores,
 )
-from sparselora.recipes.assets import gsm8k_split, load_smollm2
+from sparselora.recipes.assets import gsm8k_split
+from sparselora.recipes.loading import EMBEDDED_MODEL, load_model, load_tokenizer
 
 KINDS = ("svd", "whitened_svd")
 FFN_CRITERIA = ("seq_mean", "per_token")
@@ -74,6 +90,9 @@ CSV_FIELDS = [
 
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument(
+        "--model", default=EMBEDDED_MODEL, help="model alias, local folder or hub id (fp32)"
+    )
     parser.add_argument("--ranks", default="8,32", help="estimator ranks, comma-separated")
     parser.add_argument("--keep", default="0.5,0.25,0.1", help="kept fractions, comma-separated")
     parser.add_argument("--calib", type=int, default=32, help="calibration sequences")
@@ -96,19 +115,30 @@ def sequences(tokenizer, rows: list[dict], max_len: int) -> list[torch.Tensor]:
 
 
 class InputCapture:
-    """Forward pre-hooks that keep the (L, H) input of each layer's q_proj, gate_proj, o_proj."""
+    """Forward pre-hooks that keep the (L, H) input of each layer's q_proj, gate_proj, o_proj,
+    and the (cos, sin) position embeddings the model passed to each layer's attention."""
 
     def __init__(self, model) -> None:
         self.inputs: dict[tuple[int, str], torch.Tensor] = {}
+        self.rope: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         self.handles = []
         for layer, block in enumerate(model.model.layers):
             for site, path in SITES.items():
                 module = block.get_submodule(path)
                 self.handles.append(module.register_forward_pre_hook(self._hook(layer, site)))
+            self.handles.append(
+                block.self_attn.register_forward_pre_hook(self._rope_hook(layer), with_kwargs=True)
+            )
 
     def _hook(self, layer: int, site: str):
         def hook(module, args):
             self.inputs[(layer, site)] = args[0][0].detach()  # batch of 1 -> (L, H)
+
+        return hook
+
+    def _rope_hook(self, layer: int):
+        def hook(module, args, kwargs):
+            self.rope[layer] = kwargs["position_embeddings"]  # (cos, sin), (1, L, hd) each
 
         return hook
 
@@ -122,7 +152,7 @@ def calibrate(model, capture, calib: list[torch.Tensor]) -> dict[tuple[int, str]
     sums: dict[tuple[int, str], torch.Tensor] = defaultdict(lambda: 0.0)
     tokens = 0
     for ids in tqdm(calib, desc="calibration", leave=False):
-        model(ids[None])
+        model.model(ids[None])  # the decoder only: the hooks need no LM head
         tokens += ids.numel()
         for (layer, site), x in capture.inputs.items():
             if site != "attn_out":
@@ -204,7 +234,7 @@ def ffn_metrics(x, layer, mlp, factors, args, generator, results) -> None:
     """x: (T, H) FFN input of one held-out sequence."""
     w_gate, w_up, w_down = mlp.gate_proj.weight, mlp.up_proj.weight, mlp.down_proj.weight
     gate, up = (lambda p: p @ w_gate.T), (lambda p: p @ w_up.T)
-    act = F.silu
+    act = mlp.act_fn  # SiLU (LLaMA), gelu_pytorch_tanh (Gemma's GeGLU)
     activation = act(gate(x)) * up(x)  # (T, I)
     output = activation @ w_down.T  # (T, H)
     output_norm = output.norm()
@@ -240,11 +270,19 @@ def ffn_metrics(x, layer, mlp, factors, args, generator, results) -> None:
             )
 
 
-def attention_metrics(x, attn_out, layer, attn, rotary, factors, args, generator, results) -> None:
-    """x: (T, H) attention input; attn_out: (T, nh*hd) o_proj input, of one held-out sequence."""
-    config = attn.config
-    nh, nkv = config.num_attention_heads, config.num_key_value_heads
-    hd = getattr(config, "head_dim", None) or config.hidden_size // nh
+def attention_metrics(x, attn_out, layer, attn, rope, factors, args, generator, results) -> None:
+    """x: (T, H) attention input; attn_out: (T, nh*hd) o_proj input, of one held-out sequence;
+    rope: the (cos, sin) the model passed to this layer's attention."""
+    nh = attn.config.num_attention_heads
+    nkv = nh // attn.num_key_value_groups
+    hd = attn.head_dim  # not hidden / heads in Gemma
+    # The modeling module's own RoPE (the same rotate-half formula in LLaMA and Gemma).
+    apply_rotary_pos_emb = getattr(
+        sys.modules[type(attn).__module__],
+        "apply_rotary_pos_emb",
+        modeling_llama.apply_rotary_pos_emb,
+    )
+    q_norm, k_norm = getattr(attn, "q_norm", None), getattr(attn, "k_norm", None)
     steps = x.shape[0]
     w_q, w_k, w_v, w_o = (
         attn.q_proj.weight,
@@ -253,13 +291,18 @@ def attention_metrics(x, attn_out, layer, attn, rotary, factors, args, generator
         attn.o_proj.weight,
     )
     q, k, v = x @ w_q.T, x @ w_k.T, x @ w_v.T  # (T, nh*hd), (T, nkv*hd), (T, nkv*hd)
-    cos, sin = rotary(x[None], torch.arange(steps)[None])  # (1, T, hd) each
+    cos, sin = rope  # (1, T, hd) each
     causal = torch.ones(steps, steps).tril()  # (T, T): the logits softmax actually reads
+    window = getattr(attn, "sliding_window", None)
+    if window is not None and window < steps:  # query i reads keys i - window < j <= i
+        causal = causal.triu(-(window - 1))
 
     def logits(q, k, rope: bool):  # -> (nh, T, T)
         q_heads = q.view(steps, nh, hd).transpose(0, 1)[None]  # (1, nh, T, hd)
         k_heads = k.view(steps, nkv, hd).transpose(0, 1)[None]  # (1, nkv, T, hd)
-        if rope:
+        if rope:  # what the attention computes: q/k norms (if any), then RoPE
+            if q_norm is not None:
+                q_heads, k_heads = q_norm(q_heads), k_norm(k_heads)
             q_heads, k_heads = apply_rotary_pos_emb(q_heads, k_heads, cos, sin)
         k_heads = k_heads.repeat_interleave(nh // nkv, dim=1)  # repeat_kv: head h reads h // G
         return (q_heads @ k_heads.transpose(-1, -2))[0] * causal
@@ -316,7 +359,7 @@ def markdown_tables(rows: list[dict], keeps: list[float]) -> str:
     """One table per block: a row per selector, a column per keep fraction."""
     titles = {
         "ffn": ("FFN (gate/up/down)", "recall / output error"),
-        "qk": ("Q/K", "recall / logit error (no RoPE) / logit error (RoPE)"),
+        "qk": ("Q/K", "recall / logit error (no RoPE) / logit error (q/k norm + RoPE)"),
         "v": ("V/O", "recall / v error / o_proj output error"),
     }
     metrics = {
@@ -348,7 +391,8 @@ def main() -> None:
     args = parse_args()
     torch.set_num_threads(args.threads)
     start = time.perf_counter()
-    model, tokenizer = load_smollm2(dtype=torch.float32)
+    model = load_model(args.model, "float32")
+    tokenizer = load_tokenizer(args.model)
     model.eval()
     train_rows, _ = gsm8k_split(seed=args.seed)
     texts = sequences(tokenizer, train_rows[: args.calib + args.heldout], args.max_len)
@@ -362,7 +406,7 @@ def main() -> None:
     generator = torch.Generator().manual_seed(args.seed)
     layers = model.model.layers
     for ids in tqdm(heldout, desc="held-out sequences"):
-        model(ids[None])
+        model.model(ids[None])  # the decoder only: the hooks need no LM head
         for layer, block in enumerate(layers):
             inputs = {site: capture.inputs[(layer, site)] for site in SITES}
             ffn_metrics(inputs["mlp"], layer, block.mlp, factors, args, generator, results)
@@ -371,7 +415,7 @@ def main() -> None:
                 inputs["attn_out"],
                 layer,
                 block.self_attn,
-                model.model.rotary_emb,
+                capture.rope[layer],
                 factors,
                 args,
                 generator,
@@ -383,7 +427,8 @@ def main() -> None:
     calib_tokens = sum(ids.numel() for ids in calib)
     heldout_tokens = sum(ids.numel() for ids in heldout)
     print(
-        f"SmolLM2-135M-Instruct fp32, {datetime.date.today()}: {len(layers)} layers, "
+        f"{args.model} ({model.config.model_type}) fp32, {datetime.date.today()}: "
+        f"{len(layers)} layers, "
         f"{len(calib)} calibration sequences ({calib_tokens} tokens), {len(heldout)} held-out "
         f"({heldout_tokens} tokens), max_len {args.max_len}, damping {args.damping}, "
         f"{time.perf_counter() - start:.0f} s\n"
