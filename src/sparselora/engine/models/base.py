@@ -120,13 +120,17 @@ class CausalLMParts:
 
 
 class ModelFamily(abc.ABC):
-    """Locates the decoder layers of one architecture family."""
+    """Locates the decoder layers of one architecture family.
+
+    The defaults fit the common transformers layout (`model.model.layers`, a plain `lm_head`);
+    a family overrides what differs.
+    """
 
     model_types: tuple[str, ...] = ()
 
-    @abc.abstractmethod
     def decoder_layers(self, model: nn.Module) -> Sequence[nn.Module]:
         """The decoder layers of the transformers model, in order."""
+        return model.model.layers
 
     @abc.abstractmethod
     def block(self, layer: nn.Module, index: int, config) -> BlockModules:
@@ -135,5 +139,9 @@ class ModelFamily(abc.ABC):
     def causal_lm_parts(self, model: nn.Module) -> CausalLMParts | None:
         """The decoder body, LM head and logit transform, if the model's loss is cross-entropy
         on finalize(head(body(x))). None turns the labelled-logits saving off for the family
-        (a custom head or loss)."""
-        return None
+        (a custom head or loss). Default: `model.lm_head` on `model.model`, untransformed, unless
+        the config soft-caps the logits (a family that does must say how, as Gemma's does)."""
+        head = getattr(model, "lm_head", None)
+        if head is None or getattr(model.config, "final_logit_softcapping", None):
+            return None
+        return CausalLMParts(model.model, head)

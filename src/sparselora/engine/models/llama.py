@@ -15,11 +15,9 @@ OLMo 3, SmolLM3) and Ministral 3's position-dependent query scale. None of it mo
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
 from torch import nn
 
-from sparselora.engine.models.base import BlockModules, CausalLMParts, ModelFamily
+from sparselora.engine.models.base import BlockModules, ModelFamily
 
 
 class LlamaFamily(ModelFamily):
@@ -34,15 +32,6 @@ class LlamaFamily(ModelFamily):
         "olmo3",
         "smollm3",
     )
-
-    def decoder_layers(self, model: nn.Module) -> Sequence[nn.Module]:
-        return model.model.layers
-
-    def causal_lm_parts(self, model: nn.Module) -> CausalLMParts | None:
-        head = getattr(model, "lm_head", None)
-        if head is None or getattr(model.config, "final_logit_softcapping", None):
-            return None
-        return CausalLMParts(model.model, head)
 
     def block(self, layer: nn.Module, index: int, config) -> BlockModules:
         attn, mlp = layer.self_attn, layer.mlp

@@ -15,22 +15,13 @@ code after the projections and runs unchanged.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
 from torch import nn
 
-from sparselora.engine.models.base import BlockModules, CausalLMParts, ModelFamily, Rows
+from sparselora.engine.models.base import BlockModules, ModelFamily, Rows
 
 
 class Phi3Family(ModelFamily):
     model_types = ("phi3",)
-
-    def decoder_layers(self, model: nn.Module) -> Sequence[nn.Module]:
-        return model.model.layers
-
-    def causal_lm_parts(self, model: nn.Module) -> CausalLMParts | None:
-        head = getattr(model, "lm_head", None)
-        return None if head is None else CausalLMParts(model.model, head)
 
     def block(self, layer: nn.Module, index: int, config) -> BlockModules:
         attn, mlp = layer.self_attn, layer.mlp

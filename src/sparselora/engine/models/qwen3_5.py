@@ -19,24 +19,15 @@ applies to every layer.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
 from torch import nn
 
-from sparselora.engine.models.base import BlockModules, CausalLMParts, ModelFamily, Rows
+from sparselora.engine.models.base import BlockModules, ModelFamily, Rows
 
 LINEAR_ATTENTION = "linear attention (Gated DeltaNet)"
 
 
 class Qwen35Family(ModelFamily):
     model_types = ("qwen3_5_text",)
-
-    def decoder_layers(self, model: nn.Module) -> Sequence[nn.Module]:
-        return model.model.layers
-
-    def causal_lm_parts(self, model: nn.Module) -> CausalLMParts | None:
-        head = getattr(model, "lm_head", None)
-        return None if head is None else CausalLMParts(model.model, head)
 
     def block(self, layer: nn.Module, index: int, config) -> BlockModules:
         mlp = layer.mlp
