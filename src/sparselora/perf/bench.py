@@ -57,7 +57,13 @@ from sparselora.perf.common import (
     timed,
     torch_threads,
 )
-from sparselora.recipes.loading import EMBEDDED_MODEL, METHODS, load_model, resolve_device
+from sparselora.recipes.loading import (
+    EMBEDDED_MODEL,
+    GEMMA3_MODEL,
+    METHODS,
+    load_model,
+    resolve_device,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -71,8 +77,9 @@ class BenchConfig(MeasureConfig):
     model: str = field(
         default=EMBEDDED_MODEL,
         metadata=doc(
-            f"'{EMBEDDED_MODEL}' (embedded), a Hugging Face id or a local directory; with "
-            "random_weights also a paper model alias of `sparselora.engine.flops` (e.g. llama3-8b)."
+            f"'{EMBEDDED_MODEL}' or '{GEMMA3_MODEL}' (embedded), a Hugging Face id or a local "
+            "directory; with random_weights also a model alias of `sparselora.engine.shapes` "
+            "(e.g. llama3-8b)."
         ),
     )
     output_dir: str = field(

@@ -78,6 +78,8 @@ def load_model(
 
     random_weights: build the model from its config (or a paper alias's shape) with weights
     drawn from `seed`, initialised directly on `device` (an 8B model is not built on the CPU).
+    A family without an sdpa kernel (Gemma 2: its attention logits are soft-capped) asked for
+    'sdpa' gets 'eager', with a warning.
     """
     device = resolve_device(device) if isinstance(device, str) else device
     torch_dtype = resolve_dtype(dtype, device)
@@ -87,14 +89,27 @@ def load_model(
         else:
             model_config = llama_config(load_shape(name))
         torch.manual_seed(seed)
-        with device or torch.device("cpu"):
-            model = AutoModelForCausalLM.from_config(
-                model_config, dtype=torch_dtype, attn_implementation=attn_implementation
-            )
+
+        def build(attention: str) -> nn.Module:
+            with device or torch.device("cpu"):
+                return AutoModelForCausalLM.from_config(
+                    model_config, dtype=torch_dtype, attn_implementation=attention
+                )
+
     else:
-        model = AutoModelForCausalLM.from_pretrained(
-            _local_path(name), dtype=torch_dtype, attn_implementation=attn_implementation
-        )
+
+        def build(attention: str) -> nn.Module:
+            return AutoModelForCausalLM.from_pretrained(
+                _local_path(name), dtype=torch_dtype, attn_implementation=attention
+            )
+
+    try:
+        model = build(attn_implementation)
+    except ValueError as err:
+        if attn_implementation != "sdpa" or "scaled_dot_product_attention" not in str(err):
+            raise
+        logger.warning("%s has no sdpa attention in transformers; using 'eager'", name)
+        model = build("eager")
     return model if device is None else model.to(device)
 
 
