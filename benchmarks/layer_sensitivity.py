@@ -1,10 +1,13 @@
-"""Layer sensitivity of SmolLM2-135M-Instruct on GSM8K: held-out loss with ONE layer sparse.
+"""Layer sensitivity on GSM8K: held-out loss with ONE layer sparse (default: the embedded
+SmolLM2-135M-Instruct; `--model gemma3-270m` or any supported model).
 
 This is how the paper chose its presets (one-layer-at-a-time sweeps on a proxy task), made
 automatic. Context tokens are sparse, answer tokens dense, as in training; the loss is the
 response-token cross-entropy of held-out GSM8K problems (dense model, no adapter).
 
     python benchmarks/layer_sensitivity.py --examples 24 --csv docs/layer_sensitivity.csv
+    python benchmarks/layer_sensitivity.py --model gemma3-270m --examples 32 --attn "" \
+        --csv docs/layer_sensitivity_gemma3.csv
 """
 
 from __future__ import annotations
@@ -17,8 +20,8 @@ from pathlib import Path
 import torch
 
 from sparselora import SparseLoRAConfig, apply_sparselora
-from sparselora.recipes.assets import load_smollm2
 from sparselora.recipes.data import Collator, tokenize_records
+from sparselora.recipes.loading import EMBEDDED_MODEL, load_model, load_tokenizer
 from sparselora.recipes.records import load_records
 
 
@@ -48,6 +51,7 @@ def sparse_loss(model, config, estimator, batches) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default=EMBEDDED_MODEL, help="embedded name, hub id or dir")
     parser.add_argument("--examples", type=int, default=24)
     parser.add_argument("--max-length", type=int, default=256)
     parser.add_argument("--ffn", default="0.5,0.75,0.9", help="FFN sparsities to sweep")
@@ -56,8 +60,8 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(2)
 
-    model, tokenizer = load_smollm2()
-    model.eval()
+    model = load_model(args.model, "float32").eval()
+    tokenizer = load_tokenizer(args.model)
     collator = Collator(tokenizer.pad_token_id)
     heldout, _ = tokenize_records(
         load_records("gsm8k:eval")[: args.examples], tokenizer, args.max_length
@@ -79,7 +83,7 @@ def main() -> None:
     print(f"dense held-out loss {dense:.4f}", flush=True)
     rows = []
     for block, levels in (("ffn", args.ffn), ("attn", args.attn)):
-        for sparsity in (float(v) for v in levels.split(",")):
+        for sparsity in (float(v) for v in levels.split(",") if v):
             for layer in range(num_layers):
                 start = time.perf_counter()
                 config = SparseLoRAConfig(
