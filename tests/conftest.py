@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 from peft import LoraConfig, get_peft_model
+from torch.utils.flop_counter import FlopCounterMode
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from sparselora import SparseLoRAConfig
@@ -92,6 +93,24 @@ def sparse_config(channels_only: bool = True, **overrides) -> SparseLoRAConfig:
     )
     fields.update(overrides)
     return SparseLoRAConfig(**fields)
+
+
+def left_padded_batch(length=12, out=4, pad=3, batch_size=2, generator=None) -> dict:
+    """Random ids, every row left-padded by `pad` and labelled on its last `out` tokens: the
+    batch the FLOPs counter is checked on (the same padding in every row)."""
+    input_ids = torch.randint(3, 97, (batch_size, length), generator=generator)
+    attention_mask = torch.ones(batch_size, length, dtype=torch.long)
+    attention_mask[:, :pad] = 0
+    labels = torch.full((batch_size, length), -100)
+    labels[:, -out:] = input_ids[:, -out:]
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+
+
+def measured_step(model, batch) -> int:
+    """FLOPs of one forward + backward as PyTorch's FlopCounterMode counts them."""
+    with FlopCounterMode(display=False) as counter:
+        model(**batch).loss.backward()
+    return counter.get_total_flops()
 
 
 @pytest.fixture

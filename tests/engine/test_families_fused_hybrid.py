@@ -26,7 +26,15 @@ import json
 
 import pytest
 import torch
-from conftest import ATTN, CHANNELS_ONLY, MLP, lora_model, make_batch, sparse_config
+from conftest import (
+    ATTN,
+    CHANNELS_ONLY,
+    MLP,
+    left_padded_batch,
+    lora_model,
+    make_batch,
+    sparse_config,
+)
 from reference import LLAMA, Place, install_masks, loss_and_grads, rel_err
 from torch.utils.flop_counter import FlopCounterMode
 from transformers import Phi3Config, Phi3ForCausalLM, Qwen3_5ForCausalLM, Qwen3_5TextConfig
@@ -359,12 +367,7 @@ def test_counter_matches_torch_flop_counter(name, fields, monkeypatch):
     model = lora(name)
     model.get_base_model().config._attn_implementation = "eager"
     length, out, pad, batch_size = 12, 4, 3, 2
-    input_ids = torch.randint(3, 97, (batch_size, length))
-    attention_mask = torch.ones(batch_size, length, dtype=torch.long)
-    attention_mask[:, :pad] = 0  # left padding, the same in every row
-    labels = torch.full((batch_size, length), -100)
-    labels[:, -out:] = input_ids[:, -out:]
-    batch = {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+    batch = left_padded_batch(length, out, pad, batch_size)
     cfg = None
     if fields is not None:
         cfg = config(name, channels_only=False, estimator_rank=4, **fields)

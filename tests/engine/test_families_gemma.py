@@ -33,9 +33,16 @@ import pytest
 import torch
 import torch.nn.functional as F
 import yaml
-from conftest import ATTN, CHANNELS_ONLY, MLP, lora_model, make_batch
+from conftest import (
+    ATTN,
+    CHANNELS_ONLY,
+    MLP,
+    left_padded_batch,
+    lora_model,
+    make_batch,
+    measured_step,
+)
 from reference import install_masks, loss_and_grads, rel_err
-from torch.utils.flop_counter import FlopCounterMode
 from transformers import (
     Gemma2Config,
     Gemma2ForCausalLM,
@@ -444,11 +451,7 @@ def test_counter_matches_torch_flop_counter(family, case):
     model.train()
     length, out, pad, batch_size = 12, 4, 3, 2
     generator = torch.Generator().manual_seed(3)
-    input_ids = torch.randint(3, 97, (batch_size, length), generator=generator)
-    attention_mask = torch.ones(batch_size, length, dtype=torch.long)
-    attention_mask[:, :pad] = 0  # left padding, the same in every row
-    labels = torch.full((batch_size, length), -100)
-    labels[:, -out:] = input_ids[:, -out:]
+    batch = left_padded_batch(length, out, pad, batch_size, generator)
     expected = step_flops(
         ModelShape.from_config(model.config),
         length,
@@ -460,9 +463,7 @@ def test_counter_matches_torch_flop_counter(family, case):
         pad_tokens=pad,
         grad_to_embeddings=grad_to_embeddings,
     )
-    with FlopCounterMode(display=False) as counter:
-        model(input_ids=input_ids, attention_mask=attention_mask, labels=labels).loss.backward()
-    assert counter.get_total_flops() == expected["total"]
+    assert measured_step(model, batch) == expected["total"]
 
 
 @pytest.mark.parametrize("family", FAMILIES + ("gemma3",))

@@ -31,9 +31,17 @@ import json
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import ATTN, CHANNELS_ONLY, MLP, lora_model, make_batch, sparse_config
+from conftest import (
+    ATTN,
+    CHANNELS_ONLY,
+    MLP,
+    left_padded_batch,
+    lora_model,
+    make_batch,
+    measured_step,
+    sparse_config,
+)
 from reference import install_masks, loss_and_grads, rel_err
-from torch.utils.flop_counter import FlopCounterMode
 from transformers import (
     GraniteConfig,
     GraniteForCausalLM,
@@ -413,11 +421,7 @@ def test_counter_matches_torch_flop_counter(family, method):
     FlopCounterMode; the analytic count of the same step must equal it exactly."""
     model = lora_model(tiny_model(family, attn_impl="eager"), ATTN)
     length, out, pad, batch_size = 12, 4, 3, 2
-    input_ids = torch.randint(3, 97, (batch_size, length))
-    attention_mask = torch.ones(batch_size, length, dtype=torch.long)
-    attention_mask[:, :pad] = 0  # left padding, the same in every row
-    labels = torch.full((batch_size, length), -100)
-    labels[:, -out:] = input_ids[:, -out:]
+    batch = left_padded_batch(length, out, pad, batch_size)
     config = FLOPS_CONFIG if method == "sparselora" else None
     if config is not None:
         apply_sparselora(model, config, use_cache=False)
@@ -434,9 +438,7 @@ def test_counter_matches_torch_flop_counter(family, method):
         config=config,
         pad_tokens=pad,
     )
-    with FlopCounterMode(display=False) as counter:
-        model(input_ids=input_ids, attention_mask=attention_mask, labels=labels).loss.backward()
-    assert counter.get_total_flops() == expected["total"]
+    assert measured_step(model, batch) == expected["total"]
 
 
 @pytest.mark.parametrize("family", sorted(FAMILIES))

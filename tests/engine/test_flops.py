@@ -8,8 +8,15 @@ import json
 
 import pytest
 import torch
-from conftest import ATTN, CHANNELS_ONLY, MLP, lora_model, tiny_llama
-from torch.utils.flop_counter import FlopCounterMode
+from conftest import (
+    ATTN,
+    CHANNELS_ONLY,
+    MLP,
+    left_padded_batch,
+    lora_model,
+    measured_step,
+    tiny_llama,
+)
 from transformers import LlamaConfig
 
 from sparselora import PRESETS, SparseLoRAConfig, apply_sparselora, get_preset
@@ -239,12 +246,6 @@ CROSS_CHECK = {
 }
 
 
-def measured_step(model, batch) -> int:
-    with FlopCounterMode(display=False) as counter:
-        model(**batch).loss.backward()
-    return counter.get_total_flops()
-
-
 @pytest.mark.parametrize(
     "case, kv_heads",
     [("lora", 2), ("per_token", 2), ("per_token", 4)] + [(case, 1) for case in CROSS_CHECK],
@@ -254,12 +255,7 @@ def test_counter_matches_torch_flop_counter(case, kv_heads):
     FlopCounterMode; the analytic count must equal it exactly."""
     model = lora_model(tiny_llama(kv_heads=kv_heads, attn_impl="eager"), targets=ATTN)
     length, out, pad, batch_size = 12, 4, 3, 2
-    input_ids = torch.randint(3, 97, (batch_size, length))
-    attention_mask = torch.ones(batch_size, length, dtype=torch.long)
-    attention_mask[:, :pad] = 0  # left padding, the same in every row
-    labels = torch.full((batch_size, length), -100)
-    labels[:, -out:] = input_ids[:, -out:]
-    batch = {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+    batch = left_padded_batch(length, out, pad, batch_size)
 
     config = None
     if CROSS_CHECK[case] is not None:
