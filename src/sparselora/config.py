@@ -251,7 +251,11 @@ class SparseLoRAConfig:
     )
     seed: int = field(default=0, metadata=doc("Seed of the 'random' criteria."))
     preset: str | None = field(
-        default=None, metadata=doc("Name of the preset this config came from, if any.")
+        default=None,
+        metadata=doc(
+            "The preset this config came from, if any: a name (`sparselora presets list`) or a "
+            "preset file (.yaml/.yml/.json, as `sparselora calibrate` writes)."
+        ),
     )
 
     def __post_init__(self) -> None:
@@ -398,11 +402,21 @@ def check_int(name: str, value: Any, minimum: int) -> None:
         raise ConfigError(f"{name} must be an integer >= {minimum}, got {value!r}")
 
 
+PRESET_FILE_SUFFIXES = (".yaml", ".yml", ".json")
+
+
 def get_preset(name: str) -> SparseLoRAConfig:
-    """The SparseLoRAConfig of preset `name` (":paper" suffix: the paper's estimator settings).
+    """The SparseLoRAConfig of preset `name` (":paper" suffix: the paper's estimator settings),
+    or of a preset file (a .yaml/.yml/.json path, such as `sparselora calibrate` writes).
 
     A ConfigError lists the known names.
     """
+    if Path(name).suffix in PRESET_FILE_SUFFIXES:
+        path = Path(name)
+        if not path.is_file():
+            raise ConfigError(f"preset file {name} does not exist")
+        loaded = SparseLoRAConfig.load(path)
+        return dataclasses.replace(loaded, preset=name)
     base, paper = (
         (name[: -len(PAPER_SUFFIX)], True) if name.endswith(PAPER_SUFFIX) else (name, False)
     )

@@ -58,11 +58,24 @@ def format_default(value: Any) -> str:
 
 
 class CommaListAction(argparse.Action):
-    """nargs="+" that also splits each value on commas: `--x a b`, `--x a,b` and `--x a, b`."""
+    """nargs="+" that also splits each value on commas: `--x a b`, `--x a,b` and `--x a, b`.
+    `--x ""` gives an empty list. Items are converted with `item_type` (str here)."""
+
+    item_type: type = str
 
     def __call__(self, parser, namespace, values, option_string=None):
         items = [item.strip() for value in values for item in value.split(",")]
-        setattr(namespace, self.dest, [item for item in items if item])
+        converted = []
+        for item in filter(None, items):
+            try:
+                converted.append(self.item_type(item))
+            except ValueError:
+                parser.error(f"{option_string}: {item!r} is not a {self.item_type.__name__}")
+        setattr(namespace, self.dest, converted)
+
+
+def _comma_list_of(item_type: type) -> type[CommaListAction]:
+    return type(f"CommaListOf{item_type.__name__}", (CommaListAction,), {"item_type": item_type})
 
 
 def add_dataclass_options(
@@ -74,9 +87,9 @@ def add_dataclass_options(
 ) -> None:
     """One `--kebab-name` option per field of dataclass `cls`, dest = the field name.
 
-    The type hint decides the option: bool -> `--x/--no-x`; list[str] -> one or more values,
-    comma-separated values split too (except for fields in `keep_commas`, whose values contain
-    commas); int, float, str and `X | None` -> one value of that type. The default is the
+    The type hint decides the option: bool -> `--x/--no-x`; list[str], list[int] and
+    list[float] -> one or more values, comma-separated values split too (except for list[str]
+    fields in `keep_commas`, whose values contain commas); int, float, str and `X | None` -> one value of that type. The default is the
     dataclass's; the help is the field's `metadata["help"]` and the default. `rename` maps a
     field name to its option name (without dashes); fields in `skip` get no option. A field of
     another type (a dict, say) raises TypeError unless skipped.
@@ -98,6 +111,9 @@ def add_dataclass_options(
             kwargs.update(nargs="+", metavar=option.upper())
             if f.name not in keep_commas:
                 kwargs["action"] = CommaListAction
+        elif typing.get_origin(hint) is list and typing.get_args(hint)[0] in (int, float):
+            item_type = typing.get_args(hint)[0]
+            kwargs.update(nargs="+", metavar=option.upper(), action=_comma_list_of(item_type))
         elif hint in SCALARS:
             kwargs.update(type=hint, metavar=option.upper())
         else:

@@ -12,6 +12,7 @@ from sparselora.cli.options import default_of, format_default, type_name
 from sparselora.config import SparseLoRAConfig
 from sparselora.perf.bench import BenchConfig
 from sparselora.perf.composed import ComposedConfig
+from sparselora.recipes.calibrate import CalibrateConfig
 from sparselora.recipes.demo import DemoConfig
 from sparselora.recipes.run_config import RunConfig
 
@@ -58,6 +59,11 @@ def config_reference() -> str:
         "### `sparselora`\n\n"
         + RunConfig.__dataclass_fields__["sparselora"].metadata["help"]
         + " Default: `{preset: smollm2-135m-gsm8k}`."
+    )
+    parts.append(
+        "## `sparselora calibrate`\n\nThe model, data, shape and estimator come from the run "
+        "config (as for `train`); these are the calibration options (docs/CALIBRATE.md).\n\n"
+        + field_table(CalibrateConfig)
     )
     parts.append("## `sparselora bench`\n\n" + field_table(BenchConfig))
     parts.append("## `sparselora composed`\n\n" + field_table(ComposedConfig))

@@ -1,5 +1,5 @@
-"""The fine-tuning sub-commands: `train`, `eval`, `export`, `estimator build`, `presets`,
-`env` and `demo`.
+"""The fine-tuning sub-commands: `train`, `calibrate`, `eval`, `export`, `estimator build`,
+`presets`, `env` and `demo`.
 
 `register(subparsers)` adds them to the `sparselora` argparse tree; each handler takes the parsed
 arguments, calls the recipe, prints the result and returns the exit code.
@@ -16,6 +16,7 @@ from sparselora.cli.options import add_dataclass_options, dataclass_from_args, d
 from sparselora.config import ESTIMATOR_KINDS, SparseLoRAConfig, get_preset
 from sparselora.perf.common import hardware_header
 from sparselora.presets import PRESETS
+from sparselora.recipes.calibrate import CalibrateConfig, calibrate
 from sparselora.recipes.demo import DemoConfig, run_demo
 from sparselora.recipes.loading import EMBEDDED_MODEL, METHODS
 from sparselora.recipes.run_config import RunConfig
@@ -37,6 +38,24 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--method", choices=METHODS, help="override training.method")
     p.add_argument("--output-dir", help="override training.output_dir")
     p.set_defaults(func=_train)
+
+    p = subparsers.add_parser(
+        "calibrate",
+        help="measure a preset for your model, data and shape",
+        description="Measure each layer's sensitivity to FFN and attention sparsity on your\n"
+        "data (paired per-example loss changes with 95% intervals), choose the preset that\n"
+        "saves the most FLOPs within the loss budget (or reaches --target-speedup at the least\n"
+        "loss), measure the combination and repair it until it fits. The model, data, LoRA and\n"
+        "estimator settings and the batch come from the run config, as for `train`; the preset\n"
+        "written is used with `sparselora train ... sparselora.preset=OUT`. See docs/CALIBRATE.md.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("config", nargs="?", help="run config YAML, as for train (optional)")
+    p.add_argument("overrides", nargs="*", help="section.key=value, e.g. data.max_length=320")
+    p.add_argument("--model", help="override model.name")
+    p.add_argument("--data", help="override data.train")
+    add_dataclass_options(p, CalibrateConfig)
+    p.set_defaults(func=_calibrate)
 
     p = subparsers.add_parser("eval", help="held-out loss and accuracy of a trained run (dense)")
     p.add_argument("run_dir")
@@ -98,21 +117,45 @@ def run_config_fields() -> str:
     return "\n".join(parts)
 
 
-def _train(args: argparse.Namespace) -> int:
-    from sparselora.recipes.train import train
-
+def _run_config(args: argparse.Namespace, extra: dict[str, str | None]) -> RunConfig:
+    """The run config from the optional file, the key=value overrides, and `extra` overrides
+    ({'training.method': args.method, ...}; None values are left out)."""
     overrides = list(args.overrides)
     config_file = args.config
     if config_file is not None and "=" in config_file and not Path(config_file).exists():
         overrides.insert(0, config_file)  # no config file, only overrides
         config_file = None
-    if args.method:
-        overrides.append(f"training.method={args.method}")
-    if args.output_dir:
-        overrides.append(f"training.output_dir={args.output_dir}")
-    config = RunConfig.load(config_file, overrides)
+    overrides += [f"{key}={value}" for key, value in extra.items() if value]
+    return RunConfig.load(config_file, overrides)
+
+
+def _train(args: argparse.Namespace) -> int:
+    from sparselora.recipes.train import train
+
+    config = _run_config(
+        args, {"training.method": args.method, "training.output_dir": args.output_dir}
+    )
     summary = train(config)
     print(json.dumps({k: v for k, v in summary.items() if k != "train_loss_curve"}, indent=2))
+    return 0
+
+
+def _calibrate(args: argparse.Namespace) -> int:
+    run = _run_config(args, {"model.name": args.model, "data.train": args.data})
+    result = calibrate(run, dataclass_from_args(CalibrateConfig, args), progress=True)
+    chosen = result.config
+    print(f"preset written to {result.paths['preset']}")
+    print(f"  ffn_sparsity  {json.dumps(chosen.ffn_sparsity)}")
+    print(f"  attn_sparsity {json.dumps(chosen.attn_sparsity)}")
+    if result.search.fits:
+        print(f"  held-out loss change {result.search.rounds[-1].change}")
+    else:
+        print("  no combination fit: the preset has no channel sparsity (see the report)")
+    print(f"  predicted speedup over LoRA {result.speedup:.3f}x at batch "
+          f"{result.shape['batch']} x {result.shape['seq_len']} tokens "
+          f"({result.shape['answer_len']} labelled)")  # fmt: skip
+    print(f"  {len(result.search.rounds)} round(s), {result.seconds / 60:.1f} min")
+    print(f"report: {result.paths['report']}; plot: {result.paths['frontier']}")
     return 0
 
 
