@@ -61,17 +61,21 @@ def test_choose_maximises_saving_within_budget():
         opt("ffn", 1, 0.9, 0.30, 9.0),
         opt("ffn", 2, 0.9, 0.20, 8.0),
         opt("ffn", 2, 0.5, 0.05, 5.0),
-        opt("ffn", 3, 0.9, -0.10, 1.0),  # a negative estimate costs nothing
+        opt("ffn", 3, 0.9, -0.10, 1.0),  # a lower loss is a change too: it costs 0.10
         opt("attn", 3, 0.5, 0.01, 100.0, half=0.6),  # saves most, but its interval exceeds
     ]
     chosen = choose(options, budget=0.5)
-    # 0.5 of budget: {1@0.9, 2@0.9} = 17 beats {0@0.9, 2@0.5} = 15 and {0@0.9} = 10.
-    assert {g: o.sparsity for g, o in chosen.items()} == {
-        ("ffn", 1): 0.9,
-        ("ffn", 2): 0.9,
-        ("ffn", 3): 0.9,
-    }
-    assert spec(chosen) == {"ffn_sparsity": {"1-3": 0.9}, "attn_sparsity": {}}
+    # 0.5 of budget: {1@0.9, 2@0.9} = 17 beats {0@0.9, 2@0.5} = 15 and {1, 2@0.5, 3} = 15.
+    assert {g: o.sparsity for g, o in chosen.items()} == {("ffn", 1): 0.9, ("ffn", 2): 0.9}
+    assert spec(chosen) == {"ffn_sparsity": {"1-2": 0.9}, "attn_sparsity": {}}
+
+
+def test_a_block_that_lowers_the_loss_a_lot_is_not_used():
+    options = [opt("ffn", 10, 0.9, -0.8, 50.0, half=0.2), opt("ffn", 25, 0.9, 0.02, 5.0, half=0.1)]
+    assert set(choose(options, budget=0.5)) == {("ffn", 25)}
+    assert options[0].cost == pytest.approx(0.8) and options[0].change.magnitude == pytest.approx(
+        1.0
+    )
 
 
 def test_choose_for_a_speedup_takes_the_least_loss():

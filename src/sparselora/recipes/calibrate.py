@@ -77,9 +77,9 @@ class CalibrateConfig:
     loss_budget: float | None = field(
         default=None,
         metadata=doc(
-            f"Largest held-out loss increase allowed, in percent, for the upper end of the "
-            f"measured 95% interval of the chosen preset (default {DEFAULT_BUDGET} unless "
-            f"--target-speedup is given)."
+            f"Largest held-out loss change allowed, in percent, in either direction: for the "
+            f"measured change of the chosen preset, and for the whole 95% interval of each "
+            f"block it uses (default {DEFAULT_BUDGET} unless --target-speedup is given)."
         ),
     )
     target_speedup: float | None = field(
@@ -475,7 +475,7 @@ def _settled(
         return n >= examples
     if n < minimum or budget is None:
         return False
-    return change.lower > budget or change.upper <= budget  # the answer is known
+    return change.lower > budget or change.upper < -budget  # clearly outside +-budget
 
 
 def _chunk_at(sizes: Sequence[int], examples: int) -> int:
@@ -702,13 +702,13 @@ def _sweep(groups, one_layer, options: CalibrateConfig, progress: bool):
         measured.append(option)
         bar.update(1)
         why = None
-        if budget is not None and not options.full_grid and option.change.lower <= budget:
+        if budget is not None and not options.full_grid and not _clearly_over(option, budget):
             why = f"the {top:g} level is not clearly over the budget"
         for sparsity in sorted(rest):
             if why is None:
                 option = one_layer(block, layer, sparsity)
                 measured.append(option)
-                if budget is not None and option.change.lower > budget:
+                if budget is not None and _clearly_over(option, budget):
                     why = f"the {sparsity:g} level is clearly over the budget"
             else:
                 skipped.append((block, layer, sparsity, why))
@@ -716,6 +716,11 @@ def _sweep(groups, one_layer, options: CalibrateConfig, progress: bool):
         bar.set_postfix_str(f"{block} {layer}: {option.change.percent:+.2f}%")
     bar.close()
     return measured, skipped
+
+
+def _clearly_over(option: Option, budget: float) -> bool:
+    """Whether the whole one-layer interval lies outside +-budget."""
+    return option.change.lower > budget or option.change.upper < -budget
 
 
 def _flops_shape(examples: Sequence[dict], run: RunConfig, options: CalibrateConfig) -> dict:

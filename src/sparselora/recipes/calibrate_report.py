@@ -8,10 +8,11 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 from pathlib import Path
 from typing import Any
 
-from sparselora.recipes.preset_choice import spec
+from sparselora.recipes.preset_choice import spec, t_quantile_975
 
 
 def write_report(result: Any, run: Any, options: Any) -> dict[str, str]:
@@ -83,6 +84,13 @@ def _plot_frontier(result: Any, options: Any, path: Path) -> None:
     plt.close(fig)
 
 
+def _examples_for(change: Any, half_width: float) -> int:
+    """Examples for a 95% half-width of `half_width`, at the spread `change` was measured with
+    (the normal quantile: the t correction is small at these sizes)."""
+    spread = change.half_width * math.sqrt(change.examples) / t_quantile_975(change.examples - 1)
+    return math.ceil((1.959964 * spread / half_width) ** 2)
+
+
 def _cell(result: Any, block: str, layer: int, sparsity: float) -> str:
     for o in result.options:
         if (o.block, o.layer, o.sparsity) == (block, layer, sparsity):
@@ -96,7 +104,8 @@ def _cell(result: Any, block: str, layer: int, sparsity: float) -> str:
 def _markdown(result: Any, run: Any, options: Any) -> str:
     shape = result.shape
     mode = (
-        f"loss budget {options.budget}% (upper end of the 95% interval)"
+        f"loss budget ±{options.budget}% (the preset's measured change; every block's whole "
+        f"one-layer interval)"
         if options.budget is not None
         else f"target speedup {options.target_speedup}x"
     )
@@ -131,6 +140,14 @@ def _markdown(result: Any, run: Any, options: Any) -> str:
             f"**{last.speedup:.3f}x** over LoRA at this shape; found in "
             f"{len(result.search.rounds)} measured round(s).",
         ]
+        if options.budget is not None and last.change.half_width > options.budget / 2:
+            needed = _examples_for(last.change, options.budget / 2)
+            lines += [
+                "",
+                f"The interval is wide against the budget: about {needed} held-out examples "
+                f"would narrow it to ±{options.budget / 2:g}% (`--max-examples`; the cost of "
+                f"each combination grows in proportion).",
+            ]
     else:
         lines.append(
             "No combination fit within the rounds allowed; the preset written has no channel "

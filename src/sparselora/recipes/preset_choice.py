@@ -60,6 +60,11 @@ class Change:
     def upper(self) -> float:
         return self.percent + self.half_width
 
+    @property
+    def magnitude(self) -> float:
+        """The largest change, in either direction, the interval admits."""
+        return max(abs(self.lower), abs(self.upper))
+
     def __str__(self) -> str:
         return f"{self.percent:+.2f}% ± {self.half_width:.2f} (n={self.examples})"
 
@@ -99,8 +104,13 @@ class Option:
 
     @property
     def cost(self) -> float:
-        """The loss the choice charges: the measured change, never below zero."""
-        return max(self.change.percent, 0.0)
+        """What the choice charges: the size of the measured change in either direction.
+
+        A block whose removal lowers the loss before fine-tuning is not free: it changes what
+        the model computes, and on SmolLM2 such a block (layer 10's FFN, -0.8% alone) was the
+        one that widened the gap to LoRA after fine-tuning (docs/SMOLLM2_PRESET.md).
+        """
+        return abs(self.change.percent)
 
 
 Assignment = dict[tuple[str, int], Option]
@@ -117,9 +127,10 @@ def spec(assignment: Mapping[tuple[str, int], Option]) -> dict[str, dict[str, fl
 
 
 def usable(options: Sequence[Option], budget: float | None) -> list[Option]:
-    """Options worth choosing: they save FLOPs and, under a budget, their interval's upper end
-    is within it (a block that alone may cost the whole budget is never chosen)."""
-    return [o for o in options if o.saved > 0 and (budget is None or o.change.upper <= budget)]
+    """Options worth choosing: they save FLOPs and, under a budget, their whole interval lies
+    within +-budget (a block that alone may change the loss by the whole budget, in either
+    direction, is never chosen)."""
+    return [o for o in options if o.saved > 0 and (budget is None or o.change.magnitude <= budget)]
 
 
 def _groups(options: Sequence[Option]) -> dict[tuple[str, int], list[Option]]:
@@ -164,7 +175,8 @@ def choose(
     budget: float | None = None,
     needed_saving: float | None = None,
 ) -> Assignment:
-    """The assignment that saves the most FLOPs with summed one-layer cost <= `budget` (%), or,
+    """The assignment that saves the most FLOPs with summed one-layer cost (the size of each
+    change, `Option.cost`) <= `budget` (%), or,
     with `needed_saving`, the one that saves at least that many FLOPs at the least summed cost
     (the largest saving if none reaches it). Exactly one of the two must be given."""
     if (budget is None) == (needed_saving is None):
@@ -182,10 +194,10 @@ def choose(
 
 
 def by_rate(assignment: Assignment) -> list[Option]:
-    """The chosen blocks, cheapest loss per FLOP saved first: the upper end of the one-layer
-    interval over the saving (a block measured as harmless but imprecisely ranks after one
-    measured precisely)."""
-    return sorted(assignment.values(), key=lambda o: (o.change.upper / o.saved, -o.layer))
+    """The chosen blocks, cheapest per FLOP saved first: the largest change the one-layer
+    interval admits, in either direction, over the saving (a block measured as harmless but
+    imprecisely ranks after one measured precisely)."""
+    return sorted(assignment.values(), key=lambda o: (o.change.magnitude / o.saved, -o.layer))
 
 
 @dataclass
@@ -220,8 +232,9 @@ def search(
 ) -> Search:
     """Choose, measure the combination, repair until it fits.
 
-    With a loss `budget` (%), a combination fits when the upper end of its measured interval is
-    within the budget. If the first choice does not fit, its blocks are ranked by loss per FLOP
+    With a loss `budget` (%), a combination fits when its measured change is within +-budget
+    (its interval is reported beside it: on a few dozen examples it can be wider than a small
+    budget). If the first choice does not fit, its blocks are ranked by loss per FLOP
     saved (`by_rate`) and the longest cheapest-first prefix that fits is found by bisection:
     each round drops the costliest half of the blocks still in doubt, or adds back the cheaper
     half of those dropped, so n blocks take about log2(n) + 1 measurements (one-layer effects
@@ -235,7 +248,10 @@ def search(
     def attempt(assignment: Assignment) -> Round:
         change = measure(assignment)
         speedup = speedup_of(assignment)
-        fits = change.upper <= budget if budget is not None else speedup >= target_speedup - 1e-9
+        if budget is not None:
+            fits = abs(change.percent) <= budget
+        else:
+            fits = speedup >= target_speedup - 1e-9
         result.rounds.append(Round(dict(assignment), change, speedup, fits))
         if fits:
             result.chosen, result.fits = dict(assignment), True
