@@ -4,6 +4,7 @@ losses, reproducibility, resuming from the cache, and a preset `train` accepts."
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -220,6 +221,19 @@ def test_an_interrupted_sweep_resumes_from_its_cache(tiny_dir, data_file, tmp_pa
     calls["n"] = 0  # a second budget: the sweep comes from the cache
     calibrate(run, options(tmp_path, "cut", loss_budget=1.0))
     assert calls["n"] <= 3 * 6  # at most new combinations (6 chunks each), no one-layer probe
+
+
+def test_validate_fine_tunes_both_and_reports_the_gap(tiny_dir, data_file, tmp_path):
+    run = tiny_run(tiny_dir, data_file, f"data.eval={data_file}", "data.max_eval_examples=8")
+    result = calibrate(run, options(tmp_path, "val", validate_steps=2, attn_levels=[]))
+    validation = result.validation
+    assert sorted(validation["gap_pct"]) == [1, 2]
+    for step, gap in validation["gap_pct"].items():
+        lora, sparse = validation["lora"][step], validation["sparselora"][step]
+        assert gap == pytest.approx(100 * (sparse - lora) / lora)
+    assert "## Validation: 2 fine-tuning steps each" in Path(result.paths["report"]).read_text()
+    with pytest.raises(ConfigError, match="data.eval"):
+        calibrate(tiny_run(tiny_dir, data_file), options(tmp_path, "v2", validate_steps=2))
 
 
 def test_calibrate_command_line(tiny_dir, data_file, tmp_path, capsys):

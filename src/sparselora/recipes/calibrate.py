@@ -568,6 +568,8 @@ def calibrate(run: RunConfig, options: CalibrateConfig, progress: bool = False) 
     Writes options.out (a SparseLoRAConfig YAML) and options.report_dir (report.md,
     frontier.png, sweep.csv). Raises ConfigError for unusable settings.
     """
+    if options.validate_steps and not run.data.eval:
+        raise ConfigError("validate_steps needs held-out data: set data.eval in the run config")
     started = time.perf_counter()
     torch.manual_seed(options.seed)
     model = load_model(run.model.name, run.model.dtype, run.model.attn_implementation).eval()
