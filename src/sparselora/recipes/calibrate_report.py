@@ -118,8 +118,8 @@ def _markdown(result: Any, run: Any, options: Any) -> str:
         f"{result.config.estimator_rank}",
         f"- {mode}; held-out pool {result.examples_pool} training examples (not the "
         f"estimator's, seed {options.seed}): {options.sweep_examples} per one-layer measurement; "
-        f"combinations sampled from {options.min_examples} to {options.max_examples} until the "
-        f"interval lies wholly within or above the budget",
+        f"combinations measured on all {options.max_examples} unless their interval lies "
+        f"wholly outside ±budget after {options.min_examples} or more",
         f"- dense held-out loss {result.dense_loss:.4f}; FLOPs at batch {shape['batch']} x "
         f"{shape['seq_len']} tokens ({shape['answer_len']} labelled): LoRA "
         f"{result.lora_flops / 1e12:.3f} TFLOPs per step, exact savings alone "
