@@ -61,7 +61,7 @@ def test_round_trip_through_files(tmp_path, suffix):
 
 
 def test_every_paper_preset_loads_and_fits_its_model():
-    assert len(PRESETS) == 12  # 10 of the paper, 2 measured on SmolLM2
+    assert len(PRESETS) == 13  # 10 of the paper, 2 measured on SmolLM2, 1 on Gemma-3-270M
     for name, preset in PRESETS.items():
         config = get_preset(name)
         assert config.preset == name and config.estimator == "whitened_svd"

@@ -246,6 +246,7 @@ PAPER_MODELS: dict[str, ModelShape] = {
     "meta-llama/Meta-Llama-3-8B-Instruct": _LLAMA3_8B,
     "meta-llama/Llama-3.1-8B": _LLAMA3_8B,
     "HuggingFaceTB/SmolLM2-135M-Instruct": ModelShape(576, 1536, 30, 9, 3, 64, 49152),
+    "google/gemma-3-270m": ModelShape(640, 2048, 18, 4, 1, 256, 262144),
     # Families beyond the paper, to see their expected saving before downloading anything.
     "Qwen/Qwen3-8B": ModelShape(4096, 12288, 36, 32, 8, 128, 151936),
     "google/gemma-3-12b-pt": ModelShape(3840, 15360, 48, 16, 8, 256, 262208),
@@ -258,6 +259,7 @@ MODEL_ALIASES = {
     "llama3-8b-instruct": "meta-llama/Meta-Llama-3-8B-Instruct",
     "llama3.1-8b": "meta-llama/Llama-3.1-8B",
     "smollm2-135m": "HuggingFaceTB/SmolLM2-135M-Instruct",
+    "gemma3-270m": "google/gemma-3-270m",
     "qwen3-8b": "Qwen/Qwen3-8B",
     "gemma3-12b": "google/gemma-3-12b-pt",
     "phi-4": "microsoft/phi-4",

@@ -71,7 +71,8 @@ def _plot_frontier(result: Any, options: Any, path: Path) -> None:
         ax.plot([chosen.speedup], [chosen.change.percent], "*", ms=14, color="tab:red",
                 label="chosen")  # fmt: skip
     if options.budget is not None:
-        ax.axhline(options.budget, ls="--", color="tab:red", lw=1, label="loss budget")
+        ax.axhline(options.budget, ls="--", color="tab:red", lw=1, label="loss budget (±)")
+        ax.axhline(-options.budget, ls="--", color="tab:red", lw=1)
     if options.target_speedup is not None:
         ax.axvline(options.target_speedup, ls="--", color="tab:red", lw=1, label="target")
     ax.axhline(0.0, color="black", lw=0.5)
