@@ -9,6 +9,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from sparselora import SparseLoRAConfig
+from sparselora.recipes.loading import load_tokenizer
 
 torch.set_num_threads(2)
 
@@ -116,3 +117,17 @@ def measured_step(model, batch) -> int:
 @pytest.fixture
 def tmp_cache(tmp_path):
     return tmp_path / "estimators"
+
+
+def save_tiny_llama(path, layers: int, hidden: int) -> None:
+    """A tiny random LLaMA (FFN 2 x hidden, 4 heads, 2 KV heads) with SmolLM2's tokenizer,
+    saved as a local model directory `path`, as a user's checkpoint would be."""
+    tokenizer = load_tokenizer()
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=2 * hidden,
+        num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
+        max_position_embeddings=256,
+    )  # fmt: skip
+    LlamaForCausalLM(config).save_pretrained(path)
+    tokenizer.save_pretrained(path)

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from transformers import LlamaConfig, LlamaForCausalLM
+from transformers import LlamaForCausalLM
 
 from sparselora.cli.app import main
 from sparselora.config import ConfigError, SparseLoRAConfig, get_preset
@@ -26,21 +26,14 @@ from sparselora.recipes.calibrate import (
 from sparselora.recipes.loading import load_tokenizer
 from sparselora.recipes.run_config import RunConfig
 from sparselora.recipes.train import train
-from tests.conftest import make_batch, tiny_llama
+from tests.conftest import make_batch, save_tiny_llama, tiny_llama
 
 
 @pytest.fixture(scope="module")
 def tiny_dir(tmp_path_factory):
     """A tiny random LLaMA (4 layers) with SmolLM2's tokenizer, saved as a local model."""
-    tokenizer = load_tokenizer()
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=4,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-    )  # fmt: skip
     path = tmp_path_factory.mktemp("tiny-calibrate")
-    LlamaForCausalLM(config).save_pretrained(path)
-    tokenizer.save_pretrained(path)
+    save_tiny_llama(path, layers=4, hidden=64)
     return path
 
 

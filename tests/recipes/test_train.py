@@ -7,10 +7,9 @@ import json
 import pytest
 import torch
 from peft import PeftModel
-from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM, TrainerCallback
+from transformers import AutoModelForCausalLM, TrainerCallback
 
 from sparselora.config import ConfigError
-from sparselora.recipes.assets import load_smollm2
 from sparselora.recipes.commands import evaluate_run, export_merged
 from sparselora.recipes.run_config import RunConfig
 from sparselora.recipes.train import (
@@ -19,20 +18,14 @@ from sparselora.recipes.train import (
     reset_peak_memory,
     train,
 )
+from tests.conftest import save_tiny_llama
 
 
 @pytest.fixture(scope="module")
 def tiny_dir(tmp_path_factory):
-    """A local model directory: tiny random LLaMA with SmolLM2's tokenizer."""
-    _, tokenizer = load_smollm2()
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-    )  # fmt: skip
+    """A local model directory: tiny random LLaMA (2 layers) with SmolLM2's tokenizer."""
     path = tmp_path_factory.mktemp("tiny")
-    LlamaForCausalLM(config).save_pretrained(path)
-    tokenizer.save_pretrained(path)
+    save_tiny_llama(path, layers=2, hidden=32)
     return path
 
 
