@@ -95,13 +95,16 @@ class CalibrateConfig:
     )
     attn_levels: list[float] = field(
         default_factory=lambda: [0.25, 0.5],
-        metadata=doc("Attention sparsities measured in every layer with attention ([] for none)."),
+        metadata=doc(
+            "Attention sparsities measured in every layer with attention (an empty list, "
+            "`--attn-levels ''`, for none)."
+        ),
     )
     full_grid: bool = field(
         default=False,
         metadata=doc(
             "Measure every level of every block. By default a block's lower levels are measured "
-            "only where its highest level is clearly over the budget."
+            "only where its highest level's interval lies wholly outside +-budget."
         ),
     )
     sweep_examples: int = field(
