@@ -23,6 +23,10 @@ from sparselora.config import parse_layer_spec, resolve_layers
         ({"start_step": 0.5, "end_step": 0.2}, "start_step"),
         ({"output_tokens": "some"}, "output_tokens"),
         ({"detach_sparse_base": "yes"}, "detach_sparse_base"),
+        ({"estimator": ["svd"]}, "estimator"),
+        ({"calibration_damping": "1e-3"}, "calibration_damping"),
+        ({"calibration_damping": float("inf")}, "calibration_damping"),
+        ({"preset": 5}, "preset"),
     ],
 )
 def test_bad_values_name_the_field(fields, field_name):

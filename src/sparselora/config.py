@@ -9,6 +9,10 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
+import re
+import types
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -120,6 +124,28 @@ def doc(text: str) -> dict[str, str]:
     only copy: `sparselora ... --help` and docs/CONFIG.md are generated from it.
     """
     return {"help": text}
+
+
+def unwrap_optional(hint: Any) -> Any:
+    """`X | None` (or Optional[X]) -> X; any other hint unchanged."""
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(hint) if a is not type(None)]
+        if len(args) == 1:
+            return args[0]
+    return hint
+
+
+def number_as(hint: Any, value: Any) -> Any:
+    """`value` as a field of type `hint` takes a number from YAML or the command line: an
+    integral float (`1e3`, `2.0`) becomes an int for an int field, an int a float for a float
+    field. Anything else comes back unchanged, for the field's own check to accept or refuse."""
+    if isinstance(value, bool):
+        return value
+    if hint is int and isinstance(value, float) and value.is_integer():
+        return int(value)
+    if hint is float and isinstance(value, int):
+        return float(value)
+    return value
 
 
 @dataclass
@@ -261,10 +287,18 @@ class SparseLoRAConfig:
     def __post_init__(self) -> None:
         self.ffn_sparsity = _normalise_sparsity("ffn_sparsity", self.ffn_sparsity)
         self.attn_sparsity = _normalise_sparsity("attn_sparsity", self.attn_sparsity)
-        check_choice("estimator", self.estimator, ESTIMATOR_KINDS)
-        check_choice("ffn_criterion", self.ffn_criterion, FFN_CRITERIA)
-        check_choice("attn_criterion", self.attn_criterion, ATTN_CRITERIA)
-        check_choice("output_tokens", self.output_tokens, OUTPUT_TOKEN_MODES)
+        for name, allowed in (
+            ("estimator", ESTIMATOR_KINDS),
+            ("ffn_criterion", FFN_CRITERIA),
+            ("attn_criterion", ATTN_CRITERIA),
+            ("output_tokens", OUTPUT_TOKEN_MODES),
+        ):
+            value = getattr(self, name)
+            if not isinstance(value, str):  # a list would pass check_choice
+                raise ConfigError(f"{name} = {value!r} is not allowed; choose from {list(allowed)}")
+            check_choice(name, value, allowed)
+        if self.preset is not None and not isinstance(self.preset, str):
+            raise _not_a_preset(self.preset)
         check_int("estimator_rank", self.estimator_rank, minimum=1)
         check_int("calibration_tokens", self.calibration_tokens, minimum=1)
         check_int("seed", self.seed, minimum=0)
@@ -280,8 +314,14 @@ class SparseLoRAConfig:
             raise ConfigError(
                 f"start_step ({self.start_step}) must not exceed end_step ({self.end_step})"
             )
-        if not self.calibration_damping >= 0.0:
-            raise ConfigError(f"calibration_damping must be >= 0, got {self.calibration_damping}")
+        damping = self.calibration_damping
+        if (
+            isinstance(damping, bool)
+            or not isinstance(damping, (int, float))
+            or not math.isfinite(damping)
+            or damping < 0.0
+        ):
+            raise ConfigError(f"calibration_damping must be a number >= 0, got {damping!r}")
         for name in (
             "exclude_padding",
             "sparse_without_labels",
@@ -298,14 +338,17 @@ class SparseLoRAConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> SparseLoRAConfig:
-        """Build from a plain dict; `preset: name` starts from that preset, keys override it."""
-        data = dict(data)
+        """Build from a plain dict (a YAML file, run-config overrides); `preset: name`
+        starts from that preset, keys override it. Numbers are taken as their fields' types
+        (`number_as`: `estimator_rank: 1.6e1` is 16)."""
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(data) - known)
         if unknown:
             raise ConfigError(
                 f"unknown SparseLoRA config field(s) {unknown}; allowed: {sorted(known)}"
             )
+        hints = typing.get_type_hints(cls)
+        data = {k: number_as(unwrap_optional(hints[k]), v) for k, v in data.items()}
         preset = data.get("preset")
         if preset is not None:
             base = dataclasses.asdict(get_preset(preset))
@@ -320,10 +363,18 @@ class SparseLoRAConfig:
 
     @classmethod
     def load(cls, path: str | Path) -> SparseLoRAConfig:
-        """Load from a .yaml/.yml or .json file."""
+        """Load from a .yaml/.yml or .json file. A file that is not UTF-8, YAML or JSON raises
+        one ConfigError naming the file, line and column."""
         path = Path(path)
-        text = path.read_text()
-        data = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
+        if path.suffix == ".json":
+            try:
+                data = json.loads(read_text(path))
+            except json.JSONDecodeError as err:
+                raise ConfigError(
+                    f"{path}, line {err.lineno}, column {err.colno}: not valid JSON: {err.msg}"
+                ) from None
+        else:
+            data = read_yaml(path)
         if not isinstance(data, dict):
             raise ConfigError(f"{path}: expected a mapping of SparseLoRA config fields")
         return cls.from_dict(data)
@@ -336,7 +387,7 @@ class SparseLoRAConfig:
         path = Path(path)
         data = self.to_dict()
         if path.suffix in (".yaml", ".yml"):
-            path.write_text(yaml.safe_dump(data, sort_keys=False))
+            path.write_text(dump_yaml(data))
         else:
             path.write_text(json.dumps(data, indent=2) + "\n")
 
@@ -411,6 +462,8 @@ def get_preset(name: str) -> SparseLoRAConfig:
 
     A ConfigError lists the known names.
     """
+    if not isinstance(name, str):
+        raise _not_a_preset(name)
     if Path(name).suffix in PRESET_FILE_SUFFIXES:
         path = Path(name)
         if not path.is_file():
@@ -427,3 +480,106 @@ def get_preset(name: str) -> SparseLoRAConfig:
     preset = PRESETS[base]
     fields = {**preset.fields, **(PAPER_ESTIMATOR if paper else {})}
     return SparseLoRAConfig(preset=name, **fields)
+
+
+def _not_a_preset(value: Any) -> ConfigError:
+    return ConfigError(
+        f"preset = {value!r} is not a preset name or file; choose from {sorted(PRESETS)} (each "
+        f"also with '{PAPER_SUFFIX}') or a preset file ({', '.join(PRESET_FILE_SUFFIXES)})"
+    )
+
+
+# -- config files ----------------------------------------------------------------------------
+# YAML as YAML 1.2 and Python read it, where PyYAML follows YAML 1.1: `1e-4` is a number (YAML
+# 1.1 needs `1.0e-4`, and our own examples write `learning_rate=1e-4`), and a key given twice is
+# an error (YAML 1.1 keeps the last silently, dropping a whole section).
+
+_FLOAT = re.compile(
+    r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9][0-9_]*)(?:[eE][-+]?[0-9]+)?$"
+)  # tried after PyYAML's own int and float patterns, so `3` stays an int
+
+
+class _Loader(yaml.SafeLoader):
+    """PyYAML's safe loader with `_FLOAT` numbers and duplicate keys refused."""
+
+    def construct_mapping(self, node, deep=False):
+        first: dict[Any, yaml.Mark] = {}
+        for key_node, _ in node.value:
+            if not isinstance(key_node, yaml.ScalarNode) or key_node.tag.endswith(":merge"):
+                continue
+            key = self.construct_object(key_node)
+            if key in first:
+                raise yaml.constructor.ConstructorError(
+                    None,
+                    None,
+                    f"duplicate key {key!r} (first at line {first[key].line + 1})",
+                    key_node.start_mark,
+                )
+            first[key] = key_node.start_mark
+        return super().construct_mapping(node, deep)
+
+
+class _Dumper(yaml.SafeDumper):
+    """Quotes the strings `_Loader` would read as numbers, so files round-trip."""
+
+
+for _cls in (_Loader, _Dumper):
+    _cls.add_implicit_resolver("tag:yaml.org,2002:float", _FLOAT, list("-+0123456789."))
+
+
+def parse_yaml(text: str) -> Any:
+    """`text` parsed as YAML (see above); raises yaml.YAMLError."""
+    return yaml.load(text, Loader=_Loader)
+
+
+def dump_yaml(data: Any) -> str:
+    return yaml.dump(data, Dumper=_Dumper, sort_keys=False)
+
+
+def yaml_problem(err: yaml.YAMLError) -> str:
+    """The problem of a YAML error in one line, without PyYAML's `in "<unicode string>"`."""
+    if isinstance(err, yaml.MarkedYAMLError) and err.problem:
+        problem = err.problem
+        if err.context:
+            mark = err.context_mark
+            where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+            problem += f" ({err.context}{where})"
+        return problem
+    if isinstance(err, yaml.reader.ReaderError):
+        return f"unacceptable character #x{err.character:04x}: {err.reason}"
+    return " ".join(str(err).split())
+
+
+def read_text(path: Path, error: type[ValueError] = ConfigError) -> str:
+    """The UTF-8 text of file `path` (a leading byte-order mark dropped). A byte that is not
+    UTF-8 raises `error` naming the line and column (in characters, 1-based) and the byte."""
+    data = path.read_bytes()
+    try:
+        return data.decode("utf-8").removeprefix("\ufeff")
+    except UnicodeDecodeError as err:
+        line_start = data.rfind(b"\n", 0, err.start) + 1
+        line = data.count(b"\n", 0, err.start) + 1
+        column = len(data[line_start : err.start].decode("utf-8")) + 1
+        raise error(
+            f"{path}, line {line}, column {column}: not UTF-8 text (byte 0x{data[err.start]:02x}: "
+            f"{err.reason}); save the file as UTF-8"
+        ) from None
+
+
+def read_yaml(path: Path) -> Any:
+    """The YAML document of file `path`. A file that is not UTF-8 or not YAML raises one
+    ConfigError naming the file, line and column."""
+    text = read_text(path)
+    try:
+        return parse_yaml(text)
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        if mark is not None:
+            line, column = mark.line + 1, mark.column + 1
+        else:  # a ReaderError: a position in the text
+            position = getattr(err, "position", 0)
+            line = text.count("\n", 0, position) + 1
+            column = position - text.rfind("\n", 0, position)
+        raise ConfigError(
+            f"{path}, line {line}, column {column}: not valid YAML: {yaml_problem(err)}"
+        ) from None

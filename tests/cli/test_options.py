@@ -84,3 +84,29 @@ def test_describe_fields():
     wrapped = describe_fields(Sample, prefix="a-rather-long-section-name", width=40).splitlines()
     assert all(len(line) <= 40 for line in wrapped)
     assert wrapped[1].startswith("    ")
+
+
+@pytest.mark.parametrize(("text", "value"), [("1e3", 1000), ("+3", 3), ("1_000", 1000), ("2.0", 2)])
+def test_an_int_option_takes_an_integral_number_in_any_notation(text, value):
+    assert parser().parse_args(["--count", text]).count == value
+    assert parser().parse_args(["--rate", "1e-4"]).rate == 1e-4
+
+
+@pytest.mark.parametrize("text", ["1.5", "1e-3", "inf", "many"])
+def test_an_int_option_refuses_a_fraction_naming_the_option(text, capsys):
+    with pytest.raises(SystemExit):
+        parser().parse_args(["--count", text])
+    assert f"argument --count: invalid int value: '{text}'" in capsys.readouterr().err
+
+
+def test_an_int_list_option_takes_integral_numbers_and_refuses_fractions(capsys):
+    @dataclass
+    class Steps:
+        at: list[int] = field(default_factory=list, metadata=doc("Steps."))
+
+    p = argparse.ArgumentParser(prog="steps")
+    add_dataclass_options(p, Steps)
+    assert p.parse_args(["--at", "1e3,2", "3"]).at == [1000, 2, 3]
+    with pytest.raises(SystemExit):
+        p.parse_args(["--at", "2,1.5"])
+    assert "argument --at: invalid int value: '1.5'" in capsys.readouterr().err

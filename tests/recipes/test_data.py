@@ -124,11 +124,18 @@ def test_malformed_json_list_reports_line_and_column(tmp_path):
     assert "line 3, column 23" in str(err.value)
 
 
-def test_non_utf8_file_is_a_clear_error(tmp_path):
+def test_non_utf8_file_is_a_clear_error_naming_line_and_column(tmp_path):
     path = tmp_path / "latin1.jsonl"
     path.write_bytes('{"prompt": "caf\u00e9", "completion": "x"}\n'.encode("latin-1"))
-    with pytest.raises(DataError, match=re.escape(f"{path}: not UTF-8 text")):
+    with pytest.raises(DataError, match=re.escape(f"{path}, line 1, column 16: not UTF-8 text")):
         load_records(path)
+
+
+def test_a_byte_order_mark_and_crlf_line_ends_are_read(tmp_path):
+    path = tmp_path / "windows.jsonl"
+    rows = ['{"prompt": "a", "completion": "b"}', '{"prompt": "c\u2028d", "completion": "e"}']
+    path.write_bytes("\ufeff".encode() + "\r\n".join(rows).encode())
+    assert [r["prompt"] for r in load_records(path)] == ["a", "c\u2028d"]
 
 
 @pytest.mark.parametrize(

@@ -67,7 +67,7 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as err:
         print(f"sparselora: config error: {err}", file=sys.stderr)
         return 2
-    except (FileNotFoundError, ValueError) as err:
+    except (OSError, ValueError) as err:  # a missing or unreadable file, a bad value
         print(f"sparselora: error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -12,21 +12,28 @@ import argparse
 import dataclasses
 import json
 import textwrap
-import types
 import typing
 from collections.abc import Collection, Mapping
 from typing import Any
 
+from sparselora.config import unwrap_optional
+
 SCALARS = (int, float, str)
 
 
-def _unwrap_optional(hint: Any) -> Any:
-    """`X | None` (or Optional[X]) -> X; any other hint unchanged."""
-    if typing.get_origin(hint) in (typing.Union, types.UnionType):
-        args = [a for a in typing.get_args(hint) if a is not type(None)]
-        if len(args) == 1:
-            return args[0]
-    return hint
+def integer(text: str) -> int:
+    """An int option's value: `3`, `+3`, `1_000`, or an integral float such as `1e3` (as in
+    a run config); a fraction is a ValueError, which argparse reports naming the option."""
+    try:
+        return int(text)
+    except ValueError:
+        value = float(text)  # a ValueError for 'many'
+    if not value.is_integer():  # 1.5, inf, nan
+        raise ValueError(f"{text!r} is not an integer")
+    return int(value)
+
+
+integer.__name__ = "int"  # argparse names the type in its error: "invalid int value: '1.5'"
 
 
 def type_name(hint: Any) -> str:
@@ -70,12 +77,16 @@ class CommaListAction(argparse.Action):
             try:
                 converted.append(self.item_type(item))
             except ValueError:
-                parser.error(f"{option_string}: {item!r} is not a {self.item_type.__name__}")
+                parser.error(
+                    f"argument {option_string}: invalid {self.item_type.__name__} value: {item!r}"
+                )
         setattr(namespace, self.dest, converted)
 
 
 def _comma_list_of(item_type: type) -> type[CommaListAction]:
-    return type(f"CommaListOf{item_type.__name__}", (CommaListAction,), {"item_type": item_type})
+    convert = integer if item_type is int else item_type
+    attrs = {"item_type": staticmethod(convert)}  # a plain function would bind as a method
+    return type(f"CommaListOf{item_type.__name__}", (CommaListAction,), attrs)
 
 
 def add_dataclass_options(
@@ -89,8 +100,9 @@ def add_dataclass_options(
 
     The type hint decides the option: bool -> `--x/--no-x`; list[str], list[int] and
     list[float] -> one or more values, comma-separated values split too (except for list[str]
-    fields in `keep_commas`, whose values contain commas); int, float, str and `X | None` -> one value of that type. The default is the
-    dataclass's; the help is the field's `metadata["help"]` and the default. `rename` maps a
+    fields in `keep_commas`, whose values contain commas); int, float, str and `X | None` -> one
+    value of that type (an int also as an integral float: `1e3`, see `integer`). The default is
+    the dataclass's; the help is the field's `metadata["help"]` and the default. `rename` maps a
     field name to its option name (without dashes); fields in `skip` get no option. A field of
     another type (a dict, say) raises TypeError unless skipped.
     """
@@ -101,7 +113,7 @@ def add_dataclass_options(
             continue
         option = rename.get(f.name, f.name)
         flag = "--" + option.replace("_", "-")
-        hint = _unwrap_optional(hints[f.name])
+        hint = unwrap_optional(hints[f.name])
         default = default_of(f)
         text = f.metadata.get("help", "").replace("%", "%%")  # argparse formats help with %
         kwargs: dict[str, Any] = {"dest": f.name, "default": default, "help": text}
@@ -115,7 +127,7 @@ def add_dataclass_options(
             item_type = typing.get_args(hint)[0]
             kwargs.update(nargs="+", metavar=option.upper(), action=_comma_list_of(item_type))
         elif hint in SCALARS:
-            kwargs.update(type=hint, metavar=option.upper())
+            kwargs.update(type=integer if hint is int else hint, metavar=option.upper())
         else:
             raise TypeError(f"{cls.__name__}.{f.name}: no command-line option for {hint!r}")
         action = parser.add_argument(flag, **kwargs)

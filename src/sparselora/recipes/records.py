@@ -33,6 +33,7 @@ import os
 from pathlib import Path
 from typing import Any, Literal, TypedDict
 
+from sparselora.config import read_text
 from sparselora.recipes.assets import gsm8k_split
 
 logger = logging.getLogger(__name__)
@@ -87,8 +88,9 @@ def load_records(
         gsm8k_seed, gsm8k_eval_size: the GSM8K split (``sparselora.recipes.assets.gsm8k_split``).
 
     Raises:
-        DataError: unknown ``gsm8k:`` split, missing file, malformed JSON (with the 1-based line
-            number for JSONL, line and column for JSON), a row without the fields of any format
+        DataError: unknown ``gsm8k:`` split, missing file, a byte that is not UTF-8 (with its
+            line and column), malformed JSON (with the 1-based line number for JSONL, line and
+            column for JSON), a row without the fields of any format
             (naming the row and the allowed formats), or no records at all.
     """
     name = str(source).lower()
@@ -102,10 +104,11 @@ def load_records(
             + ("" if not path.exists() else " as a file")
             + f"; use a .json or .jsonl path, or one of {', '.join(GSM8K_SOURCES)}"
         )
-    try:
-        rows = _read_jsonl(path) if path.suffix.lower() == ".jsonl" else _read_json_list(path)
-    except UnicodeDecodeError as err:
-        raise DataError(f"{path}: not UTF-8 text (byte {err.start}: {err.reason})") from None
+    text = read_text(path, DataError)
+    if path.suffix.lower() == ".jsonl":
+        rows = _read_jsonl(path, text)
+    else:
+        rows = _read_json_list(path, text)
     records = [_to_record(row, where) for where, row in rows]
     if not records:
         raise DataError(f"{path}: no records (empty dataset)")
@@ -134,26 +137,27 @@ def _load_gsm8k(source: str, seed: int, eval_size: int) -> list[Record]:
     ]
 
 
-def _read_jsonl(path: Path) -> list[tuple[str, Any]]:
-    """(location, parsed row) for each non-blank line of a JSONL file."""
+def _read_jsonl(path: Path, text: str) -> list[tuple[str, Any]]:
+    """(location, parsed row) for each non-blank line of JSONL file `path`, whose text is `text`.
+
+    Lines end at "\n" only: U+2028 and friends may stand unescaped inside JSON strings."""
     rows = []
-    with path.open(encoding="utf-8") as f:
-        for line_no, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                rows.append((f"{path}, line {line_no}", json.loads(line)))
-            except json.JSONDecodeError as err:
-                raise DataError(
-                    f"{path}, line {line_no}: not valid JSON ({err.msg} at column {err.colno})"
-                ) from None
+    for line_no, line in enumerate(text.split("\n"), start=1):
+        if not line.strip():
+            continue
+        try:
+            rows.append((f"{path}, line {line_no}", json.loads(line)))
+        except json.JSONDecodeError as err:
+            raise DataError(
+                f"{path}, line {line_no}: not valid JSON ({err.msg} at column {err.colno})"
+            ) from None
     return rows
 
 
-def _read_json_list(path: Path) -> list[tuple[str, Any]]:
-    """(location, row) for each element of a file holding one JSON list."""
+def _read_json_list(path: Path, text: str) -> list[tuple[str, Any]]:
+    """(location, row) for each element of JSON file `path`, whose text `text` is one list."""
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
+        data = json.loads(text)
     except json.JSONDecodeError as err:
         hint = " (one object per line? name the file .jsonl)" if err.msg == "Extra data" else ""
         raise DataError(

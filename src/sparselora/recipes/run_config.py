@@ -8,7 +8,7 @@ Every field carries its help text; a bad value raises one ConfigError naming
 from __future__ import annotations
 
 import dataclasses
-import types
+import math
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,7 +16,18 @@ from typing import Any
 
 import yaml
 
-from sparselora.config import ConfigError, SparseLoRAConfig, check_choice, doc
+from sparselora.config import (
+    ConfigError,
+    SparseLoRAConfig,
+    check_choice,
+    doc,
+    dump_yaml,
+    number_as,
+    parse_yaml,
+    read_yaml,
+    unwrap_optional,
+    yaml_problem,
+)
 from sparselora.recipes.data import TEMPLATES
 from sparselora.recipes.loading import ATTN_IMPLEMENTATIONS, DTYPES, EMBEDDED_MODEL, METHODS
 
@@ -30,8 +41,9 @@ class ModelSection:
         default=EMBEDDED_MODEL,
         metadata=doc(
             "'smollm2-135m-instruct' or 'gemma3-270m' (embedded, offline; Gemma-3-270M is a base "
-            "model under the Gemma terms of use), a Hugging Face model id, or a local directory "
-            "with config.json."
+            "model under the Gemma terms of use), a Hugging Face model id (org/name), or a local "
+            "directory with config.json (a name starting with /, . or ~, or with more than one /, "
+            "is always a local path)."
         ),
     )
     dtype: str = field(
@@ -87,7 +99,9 @@ class DataSection:
 class TrainingSection:
     method: str = field(default="sparselora", metadata=doc("'lora' or 'sparselora'."))
     output_dir: str = field(default="runs/default", metadata=doc("Run folder."))
-    epochs: float = field(default=1.0, metadata=doc("Training epochs."))
+    epochs: float = field(
+        default=1.0, metadata=doc("Training epochs (> 0); ignored when max_steps is set.")
+    )
     max_steps: int = field(default=-1, metadata=doc("Optimizer steps; -1 uses epochs."))
     batch_size: int = field(default=4, metadata=doc("Micro-batch size per device."))
     gradient_accumulation: int = field(default=1, metadata=doc("Micro-batches per step."))
@@ -97,7 +111,7 @@ class TrainingSection:
     weight_decay: float = field(default=0.0, metadata=doc("AdamW weight decay."))
     seed: int = field(default=42, metadata=doc("Seed of data order and adapter init."))
     save_steps: int = field(default=50, metadata=doc("Checkpoint every N steps (0: never)."))
-    save_total_limit: int = field(default=2, metadata=doc("Checkpoints kept."))
+    save_total_limit: int = field(default=2, metadata=doc("Checkpoints kept (0: all)."))
     eval_steps: int = field(default=0, metadata=doc("Held-out loss every N steps (0: end)."))
     resume: bool = field(default=True, metadata=doc("Resume from the last checkpoint."))
 
@@ -143,6 +157,13 @@ class RunConfig:
                      "training.batch_size", "training.gradient_accumulation",
                      "logging.logging_steps"):  # fmt: skip
             _positive(name, _get(self, name))
+        for name in ("data.max_train_examples", "data.max_eval_examples"):
+            if _get(self, name) is not None:  # None: all examples
+                _positive(name, _get(self, name))
+        for name in ("training.save_steps", "training.save_total_limit", "training.eval_steps",
+                     "training.seed", "training.weight_decay"):  # fmt: skip
+            if _get(self, name) < 0:
+                raise ConfigError(f"{name} must be >= 0, got {_get(self, name)!r}")
         if not 0.0 <= self.lora.dropout < 1.0:
             raise ConfigError(f"lora.dropout = {self.lora.dropout} must be in [0, 1)")
         if not self.training.learning_rate > 0:
@@ -154,7 +175,15 @@ class RunConfig:
                 f"training.warmup_ratio = {self.training.warmup_ratio} must be in [0, 1)"
             )
         if self.training.max_steps <= 0 and self.training.max_steps != -1:
-            raise ConfigError("training.max_steps must be a positive number of steps or -1")
+            raise ConfigError(
+                "training.max_steps must be a positive number of steps or -1 (use epochs), "
+                f"got {self.training.max_steps}"
+            )
+        if self.training.max_steps == -1 and not self.training.epochs > 0:
+            raise ConfigError(
+                f"training.epochs must be > 0 (or set training.max_steps), got "
+                f"{self.training.epochs}: the run would train nothing"
+            )
         if not self.lora.target_modules:
             raise ConfigError("lora.target_modules must name at least one module")
         try:
@@ -192,13 +221,15 @@ class RunConfig:
 
     @classmethod
     def load(cls, path: str | Path | None, overrides: list[str] = ()) -> RunConfig:
-        """Read YAML (None: defaults), then apply `section.key=value` overrides."""
+        """Read YAML (None: defaults), then apply `section.key=value` overrides. A file that is
+        not UTF-8 or not YAML raises one ConfigError naming the file, line and column."""
         data: dict[str, Any] = {}
         if path is not None:
             path = Path(path)
-            if not path.exists():
-                raise ConfigError(f"config file {path} does not exist")
-            loaded = yaml.safe_load(path.read_text())
+            if not path.is_file():
+                problem = "is not a file" if path.exists() else "does not exist"
+                raise ConfigError(f"config file {path} {problem}")
+            loaded = read_yaml(path)
             if loaded is not None and not isinstance(loaded, dict):
                 raise ConfigError(f"{path}: expected a mapping with sections {_sections()}")
             data = loaded or {}
@@ -210,11 +241,12 @@ class RunConfig:
         return dataclasses.asdict(self)
 
     def save(self, path: str | Path) -> None:
-        Path(path).write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
+        Path(path).write_text(dump_yaml(self.to_dict()))
 
 
 def apply_override(data: dict[str, Any], item: str) -> None:
-    """Apply 'section.key=value' (value parsed as YAML) to a nested dict in place."""
+    """Apply 'section.key=value' (value parsed as YAML: 1e-4 is a number) to a nested dict in
+    place."""
     if "=" not in item:
         raise ConfigError(f"override {item!r} must look like section.key=value")
     dotted, raw = item.split("=", 1)
@@ -228,7 +260,13 @@ def apply_override(data: dict[str, Any], item: str) -> None:
         node = node.setdefault(part, {})
         if not isinstance(node, dict):
             raise ConfigError(f"override {item!r}: {part} is not a section")
-    node[parts[-1]] = yaml.safe_load(raw)
+    try:
+        node[parts[-1]] = parse_yaml(raw)
+    except yaml.YAMLError as err:
+        raise ConfigError(
+            f"override {item!r}: the value is not valid YAML ({yaml_problem(err)}); "
+            "quote it if it is a string"
+        ) from None
 
 
 def _sections() -> list[str]:
@@ -245,12 +283,13 @@ def _no_unknown(prefix: str, data: dict, cls) -> None:
 
 
 def _coerce(name: str, value: Any, hint: Any) -> Any:
-    """Check `value` against a simple type hint (int, float, bool, str, list[str], X | None)."""
-    if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union:
-        options = [h for h in typing.get_args(hint) if h is not type(None)]
-        if value is None:
-            return None
-        hint = options[0]
+    """Check `value` against a simple type hint (int, float, bool, str, list[str], X | None).
+
+    An integral float is an int (`1e3`), an int a float; floats must be finite."""
+    if value is None and unwrap_optional(hint) is not hint:
+        return None
+    hint = unwrap_optional(hint)
+    value = number_as(hint, value)
     if typing.get_origin(hint) is list:
         if isinstance(value, str):
             value = [v.strip() for v in value.split(",") if v.strip()]
@@ -266,9 +305,9 @@ def _coerce(name: str, value: Any, hint: Any) -> Any:
             raise ConfigError(f"{name} must be an integer, got {value!r}")
         return value
     if hint is float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(f"{name} must be a number, got {value!r}")
-        return float(value)
+        if isinstance(value, bool) or not isinstance(value, float) or not math.isfinite(value):
+            raise ConfigError(f"{name} must be a finite number, got {value!r}")
+        return value
     if hint is str and not isinstance(value, str):
         raise ConfigError(f"{name} must be a string, got {value!r}")
     return value
