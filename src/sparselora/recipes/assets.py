@@ -302,19 +302,23 @@ def asset_path(asset: GGUFAsset, cache_dir: str | os.PathLike | None = None) -> 
         A folder that ``from_pretrained`` loads offline. It is complete and matches the installed
         GGUF: the conversion runs in a temporary sibling folder that is renamed into place only
         after it verified, and a folder whose marker is missing or stale is rebuilt. Without the
-        source package, a complete folder (marker of this asset and ``CACHE_FORMAT``) is used as
-        is; with neither, the package's ModuleNotFoundError is raised.
+        source package (or with an install that lacks its GGUF file), a complete folder (marker
+        of this asset and ``CACHE_FORMAT``) is used as is; with neither, a FileNotFoundError
+        names the cache folder and the package to install.
     """
     target = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
     target = target / "models" / asset.name
     try:
         fingerprint = _fingerprint(asset)
-    except ModuleNotFoundError:
+    except (ModuleNotFoundError, FileNotFoundError) as err:
+        # No package, or an install without its GGUF: the cache is all there is.
         marker = _read_marker(target)
         if marker.get("asset") == asset.name and marker.get("cache_format") == CACHE_FORMAT:
-            logger.info("%s is not installed; using the converted %s", asset.dist, target)
+            logger.info("%s is not usable (%s); using the converted %s", asset.dist, err, target)
             return target
-        raise
+        raise FileNotFoundError(
+            f"no converted {asset.name} in {target} to load, and none can be made: {err}"
+        ) from err
     if _marker_matches(target, fingerprint):
         return target
 

@@ -6,6 +6,8 @@ import json
 import logging
 import os
 import shutil
+import tempfile
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -23,22 +25,55 @@ from sparselora.recipes.data import (
 from sparselora.recipes.loading import load_model, load_tokenizer
 from sparselora.recipes.records import load_records
 from sparselora.recipes.run_config import RunConfig
+from sparselora.version import __version__
 
 logger = logging.getLogger(__name__)
 
+# Written into every merged export; `export --overwrite` replaces only a folder that has it.
+EXPORT_MARKER = "sparselora_export.json"
+# PEFT's adapter weight files, current and older; a finished run folder has one of them.
+ADAPTER_WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin")
+
+
+def read_run_config(run_dir: Path) -> RunConfig:
+    """The run config of a finished run folder, after checking that its adapter is complete.
+
+    Raises FileNotFoundError naming the run folder and the first missing file: ``run.yaml``,
+    ``adapter/adapter_config.json`` or the adapter weights (``adapter/adapter_model.safetensors``,
+    or PEFT's older ``adapter_model.bin``).
+    """
+    if not run_dir.is_dir():
+        raise FileNotFoundError(
+            f"run folder {run_dir} does not exist (a folder `sparselora train` wrote)"
+        )
+    adapter = run_dir / "adapter"
+    weights = [adapter / name for name in ADAPTER_WEIGHTS]
+    for path in (run_dir / "run.yaml", adapter / "adapter_config.json"):
+        if not path.is_file():
+            raise FileNotFoundError(
+                f"{run_dir} is not a finished run folder: {path} is missing "
+                "(written by `sparselora train` when training ends)"
+            )
+    if not any(path.is_file() for path in weights):
+        raise FileNotFoundError(
+            f"{run_dir} has no adapter weights: {weights[0]} is missing "
+            "(the run did not finish, or the file was deleted; train again)"
+        )
+    return RunConfig.load(run_dir / "run.yaml")
+
 
 def load_run(run_dir: Path):
-    """(run config, PEFT model with the run's adapter in eval mode, tokenizer)."""
-    config_file, adapter = run_dir / "run.yaml", run_dir / "adapter"
-    if not config_file.exists() or not adapter.exists():
-        raise FileNotFoundError(
-            f"{run_dir} is not a finished run folder (needs run.yaml and adapter/)"
-        )
-    config = RunConfig.load(config_file)
+    """(run config, PEFT model with the run's adapter in eval mode, tokenizer).
+
+    Raises FileNotFoundError before loading anything if the run folder is incomplete (see
+    ``read_run_config``).
+    """
+    config = read_run_config(run_dir)
     section = config.model
     model = load_model(section.name, section.dtype, section.attn_implementation)
     tokenizer = load_tokenizer(section.name)
-    return config, PeftModel.from_pretrained(model, adapter).eval(), tokenizer
+    peft_model = PeftModel.from_pretrained(model, str(run_dir / "adapter"))
+    return config, peft_model.eval(), tokenizer
 
 
 def evaluate_run(
@@ -48,26 +83,42 @@ def evaluate_run(
     limit: int | None = None,
     max_new_tokens: int = 256,
     batch_size: int = 8,
+    allow_code_execution: bool = False,
 ) -> dict[str, Any]:
-    """Held-out loss and generation accuracy (or HumanEval pass@1), dense; writes eval.json."""
+    """Held-out loss and generation accuracy (or HumanEval pass@1), dense; writes eval.json.
+
+    HumanEval runs the code the model writes, so it needs ``allow_code_execution`` (or the
+    environment opt-in, see ``evaluate.require_code_execution``); without it a ValueError is
+    raised before the model is loaded.
+    """
     from sparselora.recipes.evaluate import (
         accuracy,
         canonical_task,
         heldout_loss,
         humaneval_pass_at_1,
+        require_code_execution,
     )
 
-    config, model, tokenizer = load_run(run_dir)
-    task = task or config.data.task
+    # Clear errors (incomplete run folder, unknown task, no opt-in) before loading the model.
+    task = task or read_run_config(run_dir).data.task
+    if task.lower() == "humaneval":
+        require_code_execution(allow_code_execution)
+    else:
+        canonical_task(task)
+    config, model, tokenizer = load_run(run_dir)  # checks the run folder before loading
     result: dict[str, Any] = {"run": str(run_dir), "task": task}
     if task.lower() == "humaneval":
         result.update(
             humaneval_pass_at_1(
-                model, tokenizer, limit=limit, max_new_tokens=max_new_tokens, batch_size=batch_size
+                model,
+                tokenizer,
+                limit=limit,
+                max_new_tokens=max_new_tokens,
+                batch_size=batch_size,
+                allow_code_execution=allow_code_execution,
             )
         )
     else:
-        canonical_task(task)  # a clear error before any generation
         source = data or config.data.eval
         if not source:
             raise ValueError("no held-out data: pass --data or set data.eval in the run config")
@@ -95,10 +146,21 @@ def evaluate_run(
     return result
 
 
-def export_merged(run_dir: Path, output: Path | None = None, atol: float = 1e-4) -> Path:
-    """Merge the run's adapter into its base model, check the logits, save with save_pretrained."""
-    _, model, tokenizer = load_run(run_dir)
-    output = output or run_dir / "merged"
+def export_merged(
+    run_dir: Path, output: Path | None = None, atol: float = 1e-4, overwrite: bool = False
+) -> Path:
+    """Merge the run's adapter into its base model, check the logits, save with save_pretrained.
+
+    ``output`` defaults to ``RUN_DIR/merged``. Nothing but a previous export is ever replaced:
+    before the model is loaded, a ValueError refuses an output that is the run folder, a folder
+    above it, any folder inside it other than ``RUN_DIR/merged``, an existing file, or a
+    non-empty folder, unless ``overwrite`` is set and the folder holds ``EXPORT_MARKER`` (which
+    every export writes: run folder, time, sparselora version). The model is written into a
+    uniquely named temporary folder beside ``output`` and renamed into place only when complete;
+    on failure the temporary folder is removed and a previous export is left as it was.
+    """
+    output = _export_target(run_dir, output, overwrite)
+    config, model, tokenizer = load_run(run_dir)
     sample = tokenizer("Natalia sold clips to 48 of her friends in April.", return_tensors="pt")
     with torch.no_grad():
         expected = model(**sample).logits.float()
@@ -110,16 +172,85 @@ def export_merged(run_dir: Path, output: Path | None = None, atol: float = 1e-4)
         raise RuntimeError(
             f"merged logits differ from the adapter's by {error:.3g} (scale {scale:.3g})"
         )
-    tmp = output.with_name(output.name + ".tmp")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    merged.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
-    if output.exists():
-        shutil.rmtree(output)
-    os.replace(tmp, output)
+    marker = {
+        "run": str(run_dir.resolve()),
+        "base_model": config.model.name,
+        "created": datetime.now(timezone.utc).isoformat(timespec="microseconds"),
+        "sparselora_version": __version__,
+        "max_logit_difference": error,
+    }
+    output.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{output.name}.", suffix=".export", dir=output.parent))
+    try:
+        merged.save_pretrained(staging)
+        tokenizer.save_pretrained(staging)
+        (staging / EXPORT_MARKER).write_text(json.dumps(marker, indent=2) + "\n")
+        _replace_folder(staging, output)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
     logger.info("merged model: max |logit difference| %.3g; saved to %s", error, output)
     return output
+
+
+def _export_target(run_dir: Path, output: Path | None, overwrite: bool) -> Path:
+    """The resolved folder ``export_merged`` may write, or a ValueError saying why not and what
+    to do instead. Reads only the file system (cheap), so it runs before the model is loaded."""
+    read_run_config(run_dir)  # a clear error for an incomplete run folder, before anything else
+    run = run_dir.resolve()
+    default = run / "merged"
+    target = Path(output).resolve() if output is not None else default
+    shown = output if output is not None else default
+    if target == run:
+        raise ValueError(
+            f"--output {shown} is the run folder {run_dir} itself; exporting there would replace "
+            f"its adapter, checkpoints and run.yaml; choose a new folder, e.g. {default} (the "
+            "default)"
+        )
+    if target in run.parents:
+        raise ValueError(
+            f"--output {shown} contains the run folder {run_dir}; exporting there would replace "
+            f"the run; choose a new folder, e.g. {default} (the default)"
+        )
+    if run in target.parents and target != default:
+        raise ValueError(
+            f"--output {shown} is inside the run folder {run_dir}; the only export folder there is "
+            f"{default} (the default); choose it or a folder outside the run"
+        )
+    if target.exists() and not target.is_dir():
+        raise ValueError(
+            f"--output {shown} is a file; choose a folder that does not exist yet (or a previous "
+            "export, with --overwrite)"
+        )
+    if target.is_dir() and any(target.iterdir()):
+        if not overwrite:
+            raise ValueError(
+                f"--output {shown} already exists and is not empty; pass --overwrite to replace "
+                "a previous export, or choose a new folder"
+            )
+        if not (target / EXPORT_MARKER).is_file():
+            raise ValueError(
+                f"--output {shown} is not a sparselora export (no {EXPORT_MARKER} in it), and "
+                "--overwrite replaces only a previous export; choose a new folder"
+            )
+    return target
+
+
+def _replace_folder(new: Path, target: Path) -> None:
+    """Rename the complete folder ``new`` to ``target``; a folder already at ``target`` (checked
+    by ``_export_target``) is moved aside first and restored if the rename fails."""
+    if not target.exists():
+        os.replace(new, target)
+        return
+    aside = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".old", dir=target.parent))
+    try:
+        os.replace(target, aside / target.name)
+        try:
+            os.replace(new, target)
+        except OSError:
+            os.replace(aside / target.name, target)
+            raise
+    finally:
+        shutil.rmtree(aside, ignore_errors=True)
 
 
 def build_estimator_file(

