@@ -433,7 +433,7 @@ def test_whitened_estimator_fits_each_projection_and_is_cached(name, tmp_path):
     assert {p for _, p in first.estimator.factors} == {*widths, "v_proj"}
     first.model(**batch)
     model = lora(name)  # the same weights: the cached factors are found, not refitted
-    second = apply_sparselora(model, cfg, cache_dir=tmp_path)
+    second = apply_sparselora(model, cfg, cache_dir=tmp_path, reuse_calibration=True)
     assert second.ready and second.fingerprint == first.fingerprint
     model(**batch)
     chosen = first.last_selection()

@@ -37,6 +37,7 @@ from sparselora.engine.peft_compat import active_lora_adapters, base_linear, is_
 from sparselora.engine.state import BatchState, ForwardContext, TokenSplit
 
 ROW_PROJECTIONS = ("q_proj", "k_proj", "v_proj")  # attention projections with kept output rows
+FFN_PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
 
 
 class SparseBlock:
@@ -78,6 +79,8 @@ class SparseBlock:
             name for name, parts in self.row_parts.items() if [p for p, _ in parts] == ["q_proj"]
         }
         self.targets = self._targets()  # name -> module, fixed for the block's lifetime
+        self._used = self._used_modules()
+        self._adapted = tuple(m for m in self._used if hasattr(m, "base_layer"))  # PEFT layers
 
     # -- installation --------------------------------------------------------------------
 
@@ -95,6 +98,21 @@ class SparseBlock:
                     out[name] = parts[0][1].module
             out["o_proj"] = m.o
         return out
+
+    def _used_modules(self) -> tuple[torch.nn.Module, ...]:
+        """The targets and, under a wrapped MLP, the modules computing gate, up and down."""
+        used = dict.fromkeys(self.targets.values())
+        if "mlp" in self.targets:
+            used.update(dict.fromkeys(map(self.modules.projection, FFN_PROJECTIONS)))
+        return tuple(used)
+
+    def used_modules(self) -> tuple[torch.nn.Module, ...]:
+        """Every module this block wraps or computes with; a merge must not replace them."""
+        return self._used
+
+    def merged(self) -> bool:
+        """Whether a LoRA adapter is merged into a module of this block (those run dense)."""
+        return any(is_merged(module) for module in self._adapted)
 
     def install(self) -> None:
         for name, module in self.targets.items():
@@ -174,7 +192,7 @@ class SparseBlock:
         """A merged adapter lives in the base weight: slicing it would add the delta twice."""
         m = self.modules
         if name == "mlp":
-            modules = [m.projection(p) for p in ("gate_proj", "up_proj", "down_proj")]
+            modules = [m.projection(p) for p in FFN_PROJECTIONS]
         else:
             modules = [self.targets[name]]
         return any(is_merged(module) for module in modules)
@@ -303,20 +321,29 @@ class SparseBlock:
         stats = self.context.stats
         stats.add("estimator_seconds", time.perf_counter() - start)
         stats.add(name, kept)
-        passes = 2 if torch.is_grad_enabled() else 1  # forward, plus the input-gradient backward
-        stats.flops_saved += 2 * passes * macs_per_token * batch.split.sparse_rows.numel()
+        stats.flops_saved += 2 * batch.passes * macs_per_token * batch.split.sparse_rows.numel()
 
     def _record_skipped(self, batch: BatchState, split: TokenSplit, name: str) -> None:
-        """Count the frozen FLOPs of the rows the last layer skipped."""
-        if not split.skip_rows.numel():
+        """Count the FLOPs of the rows the last layer skipped, once per forward: the frozen
+        projections (forward and input gradient) and their LoRA branches (forward, and
+        backward dA, dB, dh and dx: twice the forward)."""
+        if not split.skip_rows.numel() or not batch.first_count(f"skip {self.index} {name}"):
             return
         if name == "mlp":
-            macs = 3 * base_linear(self.gate.module).in_features * self.ffn_width
+            modules = dict.fromkeys(map(self.modules.projection, FFN_PROJECTIONS))
+            frozen = 3 * base_linear(self.gate.module).in_features * self.ffn_width
         else:
+            modules = (self.targets[name],)
             base = base_linear(self.targets[name])
-            macs = base.in_features * base.out_features
-        passes = 2 if torch.is_grad_enabled() else 1
-        self.context.stats.flops_saved += 2 * passes * macs * split.skip_rows.numel()
+            frozen = base.in_features * base.out_features
+        lora = 0
+        for module in modules:
+            base = base_linear(module)
+            for adapter in active_lora_adapters(module):
+                rank = module.lora_A[adapter].out_features
+                lora += rank * (base.in_features + base.out_features)
+        per_token = frozen * batch.passes + lora * (3 if batch.backward else 1)
+        self.context.stats.flops_saved += 2 * per_token * split.skip_rows.numel()
 
     def _projector(self, role: str, rows: Rows) -> Callable[[torch.Tensor], torch.Tensor]:
         """(T, in) float32 -> (T, out) float32: the estimator's x A B + b, or the true x W^T + b,

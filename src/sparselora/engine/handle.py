@@ -4,7 +4,8 @@ The handle registers one forward pre-hook on the transformers model (to see each
 labels and attention mask), publishes what it learns in a `ForwardContext`, and takes over the
 forward of the sparsified MLP / projection module instances (see `blocks.py`), which read that
 context. Nothing is patched process-wide, no weight is copied, and `handle.remove()` restores
-the model exactly. docs/ARCHITECTURE.md follows one training forward through these objects.
+the model exactly. A model carries at most one installed handle. docs/ARCHITECTURE.md follows
+one training forward through these objects.
 """
 
 from __future__ import annotations
@@ -24,11 +25,13 @@ from sparselora.engine.estimator import (
     ATTN_ESTIMATED,
     ESTIMATED,
     FFN_ESTIMATED,
+    CalibrationDigest,
     CovarianceCollector,
     Estimator,
     EstimatorCache,
     EstimatorMismatchError,
     Key,
+    calibration_fingerprint,
     weights_fingerprint,
 )
 from sparselora.engine.models import BlockModules, family_for
@@ -50,6 +53,12 @@ class SparseLoRA:
     - `calibrate(batches)`: fit the whitened estimator now instead of on the first batches.
     - `set_estimator(estimator)`: use these factors (checked against the model's weights).
     - `batch(shape, labels)`: declare a micro-batch to call wrapped blocks directly.
+
+    Merging LoRA adapters while the handle is installed: merged in place (`merge_adapter()`),
+    the merged layers run dense (a merged weight cannot be sliced) with one warning per merge;
+    replaced (`merge_and_unload()`, `unload()`), the next forward raises RuntimeError: call
+    `remove()` first, then merge. Both are checked at each forward of the model (a dict lookup
+    and an attribute read per wrapped module).
     """
 
     def __init__(
@@ -79,7 +88,11 @@ class SparseLoRA:
         self._dense_depth = 0
         self._forward_id = 0
         self._calibrating = False
+        self._digest: CalibrationDigest | None = None
+        self._next_dense_warning = 10  # warn at 10, 100, 1000, ... dense training forwards
+        self._merge_warned = False
         self._signature = inspect.signature(model.forward)
+        self._placements = _placements(model, blocks)
         for block in blocks.values():
             block.install()
         if head is not None:
@@ -91,7 +104,7 @@ class SparseLoRA:
 
     @property
     def stats(self) -> SparsityStats:
-        """Kept fractions, estimator time and FLOPs saved (see `SparsityStats`)."""
+        """Kept fractions, estimator time, FLOPs saved and dense steps (see `SparsityStats`)."""
         return self._context.stats
 
     @property
@@ -151,7 +164,10 @@ class SparseLoRA:
 
     def _before_forward(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
         self._forward_id += 1
+        self._check_modules()
         self._maybe_finish_calibration()
+        if module.training and self._enabled and self._dense_depth == 0 and not self.ready:
+            self._count_dense_step()
         bound = self._signature.bind_partial(*args, **kwargs).arguments
         reference = bound.get("input_ids")
         if reference is None:
@@ -159,6 +175,8 @@ class SparseLoRA:
         if reference is None:
             self._context.batch = None
             return
+        if self._context.collector is not None:
+            self._digest.update(reference, bound.get("attention_mask"))
         extra = bound.get("kwargs", {})
         reads_everything = bool(
             bound.get("output_hidden_states") or extra.get("output_hidden_states")
@@ -170,6 +188,48 @@ class SparseLoRA:
             bound.get("labels"),
             module.training,
             reads_everything,
+        )
+
+    def _check_modules(self) -> None:
+        """Refuse a model whose wrapped modules were replaced; warn once per merge in place."""
+        for parent, name, module, qualified in self._placements:
+            if parent._modules.get(name) is not module:
+                raise RuntimeError(
+                    f"merge while SparseLoRA is applied: {qualified} is no longer the module it "
+                    "was when SparseLoRA was applied (PEFT merge_and_unload() or unload() "
+                    "replaced it); call handle.remove() first, then merge"
+                )
+        merged = [i for i, block in self.blocks.items() if block.merged()]
+        if merged and not self._merge_warned:
+            logger.warning(
+                "LoRA adapters are merged into the weights of layer(s) %s: SparseLoRA runs "
+                "those layers dense until they are unmerged (a merged weight cannot be "
+                "sliced); to merge for good, call handle.remove() first",
+                merged,
+            )
+        self._merge_warned = bool(merged)
+
+    def _count_dense_step(self) -> None:
+        """Count a training forward that runs dense because the estimator is not ready; warn
+        at 10, 100, 1000, ... of them."""
+        stats = self._context.stats
+        stats.dense_steps += 1
+        if stats.dense_steps < self._next_dense_warning:
+            return
+        self._next_dense_warning *= 10
+        collector = self._context.collector
+        if collector is not None:
+            progress = (
+                f"calibration has {collector.min_tokens()} of the "
+                f"{self.config.calibration_tokens} real tokens it needs in every layer"
+            )
+        else:
+            progress = "no calibration is running: call handle.calibrate(batches)"
+        logger.warning(
+            "%d training forwards ran dense so far because the whitened estimator is not "
+            "ready (%s)",
+            stats.dense_steps,
+            progress,
         )
 
     def _batch_state(
@@ -190,7 +250,10 @@ class SparseLoRA:
         ):
             unread = ~output_positions(labels.to(device), "dense")
         split = self._token_split(training, labels, real)
-        return BatchState(self._forward_id, shape, score_mask, split, unread, exact_savings)
+        backward = torch.is_grad_enabled()
+        return BatchState(
+            self._forward_id, shape, score_mask, split, unread, exact_savings, backward
+        )
 
     def _token_split(self, training: bool, labels, real: torch.Tensor) -> TokenSplit | None:
         if not (self._enabled and self._dense_depth == 0 and self.ready):
@@ -233,6 +296,7 @@ class SparseLoRA:
 
     def _start_calibration(self) -> None:
         self._context.collector = CovarianceCollector(self._weights)
+        self._digest = CalibrationDigest(self.config.calibration_damping)
 
     def _maybe_finish_calibration(self) -> None:
         collector = self._context.collector
@@ -253,6 +317,7 @@ class SparseLoRA:
             damping=self.config.calibration_damping,
             model_name=getattr(self.model.config, "_name_or_path", None),
             fingerprint=self.fingerprint,
+            calibration=self._digest.hexdigest(),
         )
         self.set_estimator(estimator)
         if self.cache is not None:
@@ -260,7 +325,11 @@ class SparseLoRA:
 
     @torch.no_grad()
     def calibrate(self, batches: Iterable[Mapping[str, torch.Tensor]]) -> Estimator:
-        """Fit the whitened estimator on `batches` (dicts of model inputs), run densely."""
+        """Fit the whitened estimator on `batches` (dicts of model inputs), run densely.
+
+        The estimator records the `CalibrationDigest` of the batches (`estimator.calibration`)
+        and is cached under it, so only a run calibrating on the same batches reuses it.
+        """
         if self.config.estimator != "whitened_svd":
             raise ValueError("calibrate() is for estimator 'whitened_svd'")
         self._start_calibration()
@@ -286,18 +355,32 @@ def apply_sparselora(
     calibration: Iterable[Mapping[str, torch.Tensor]] | None = None,
     cache_dir: str | os.PathLike | None = None,
     use_cache: bool = True,
+    reuse_calibration: bool = False,
 ) -> SparseLoRA:
     """Make the frozen main branch of `model` contextually sparse; returns the handle.
 
-    model: a PEFT model (or a transformers model, with or without LoRA layers).
+    model: a PEFT model (or a transformers model, with or without LoRA layers), with no
+      SparseLoRA handle installed on it (call `.remove()` on the previous handle first).
     estimator: factors to use (an Estimator or a file path); otherwise they come from the cache
       (`cache_dir`, default ~/.cache/sparselora/estimators) or are built: `svd` at once from
-      the weights; `whitened_svd` from `calibration` batches if given, else from the first
-      `config.calibration_tokens` real tokens of training (those forwards run dense).
-    Raises ConfigError for layers beyond the model depth and NotImplementedError for an
-    unsupported model type or LoRA variant.
+      the weights (cached per weights); `whitened_svd` from `calibration` batches if given
+      (an iterable of dicts of model inputs, read once into a list; cached per weights and
+      calibration fingerprint, so only the same batches reuse it), else from the first
+      `config.calibration_tokens` real tokens of training: those forwards run dense (a
+      warning says so, `handle.stats` counts them as `dense_steps`).
+    reuse_calibration: without `calibration` batches the training tokens are unknown up front,
+      so by default no cached whitened estimator is reused; True reuses the most recently
+      cached one for these weights and rank, whatever it was calibrated on (logged).
+    Raises ValueError if a handle is already installed on the model, ConfigError for layers
+    beyond the model depth, NotImplementedError for an unsupported model type or LoRA variant,
+    EstimatorFileError for an estimator file that cannot be trusted.
     """
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    if _installed_handle(base) is not None:
+        raise ValueError(
+            "this model already has SparseLoRA applied: call .remove() on that handle before "
+            "calling apply_sparselora again"
+        )
     family = family_for(getattr(base.config, "model_type", None))
     layers = family.decoder_layers(base)
     ffn, attn = config.layer_sparsity(len(layers))
@@ -323,10 +406,22 @@ def apply_sparselora(
     cache = EstimatorCache(cache_dir) if use_cache else None
 
     context = ForwardContext(config)
+    calibration_id = None
+    whitened = config.estimator == "whitened_svd"
+    if weights and estimator is None and whitened and calibration is not None:
+        calibration = list(calibration)  # read twice: fingerprinted, then run
+        calibration_id = calibration_fingerprint(calibration, config.calibration_damping)
     if weights:
         model_name = getattr(base.config, "_name_or_path", None)
         context.estimator = _initial_estimator(
-            config, estimator, cache, weights, fingerprint, model_name
+            config,
+            estimator,
+            cache,
+            weights,
+            fingerprint,
+            model_name,
+            calibration_id,
+            reuse_calibration,
         )
     blocks = {
         i: SparseBlock(
@@ -346,8 +441,10 @@ def apply_sparselora(
         if calibration is not None:
             handle.calibrate(calibration)
         else:
-            logger.info(
-                "whitened estimator: the first %d training tokens run dense to calibrate it",
+            logger.warning(
+                "whitened estimator: no calibration batches given, so training forwards run "
+                "dense until %d real training tokens have calibrated it (pass "
+                "calibration=batches to apply_sparselora to calibrate up front)",
                 config.calibration_tokens,
             )
             handle._start_calibration()
@@ -390,6 +487,31 @@ class ProjectionWeights(Mapping[Key, torch.Tensor]):
         return len(self._keys)
 
 
+def _installed_handle(model: nn.Module) -> SparseLoRA | None:
+    """The SparseLoRA handle installed on `model` (its forward pre-hook), if any."""
+    for hook in model._forward_pre_hooks.values():
+        owner = getattr(hook, "__self__", None)
+        if isinstance(owner, SparseLoRA):
+            return owner
+    return None
+
+
+def _placements(
+    model: nn.Module, blocks: Mapping[int, SparseBlock]
+) -> list[tuple[nn.Module, str, nn.Module, str]]:
+    """(parent, attribute, module, qualified name) of every module the blocks use and of every
+    PEFT adapter layer, so that each forward can check that the model still holds them (PEFT's
+    merge_and_unload() and unload() replace adapter layers by their base layers)."""
+    used = {id(m): m for block in blocks.values() for m in block.used_modules()}
+    used.update({id(m): m for m in model.modules() if hasattr(m, "base_layer")})
+    found = []
+    for prefix, parent in model.named_modules():
+        for name, child in parent._modules.items():
+            if child is not None and id(child) in used:
+                found.append((parent, name, child, f"{prefix}.{name}" if prefix else name))
+    return found
+
+
 def _check_attention_layers(attn: Mapping[int, float], modules: Mapping[int, BlockModules]) -> None:
     """Refuse attention sparsity on a layer without standard attention of its own."""
     refused = {i: modules[i].no_attention for i in attn if not modules[i].has_attention}
@@ -420,21 +542,37 @@ def _initial_estimator(
     weights: Mapping[Key, torch.Tensor],
     fingerprint: str,
     model_name: str | None,
+    calibration_id: str | None = None,
+    reuse_calibration: bool = False,
 ) -> Estimator | None:
     """The estimator to start with: the one given, a cached one, or an `svd` one built now.
 
+    A cached `whitened_svd` estimator is used if it was calibrated on the batches whose
+    fingerprint is `calibration_id`, or, without batches, only with `reuse_calibration`.
     None means the whitened estimator must first be calibrated on real inputs.
     """
     if isinstance(given, (str, os.PathLike)):
         given = Estimator.load(given, fingerprint=fingerprint)
     if given is not None:
         return _checked(given, fingerprint, weights)
-    if cache is not None:
-        cached = cache.load(fingerprint, config.estimator, config.estimator_rank, weights)
-        if cached is not None:
-            path = cache.path(fingerprint, config.estimator, config.estimator_rank)
-            logger.info("loaded estimator from cache %s", path)
-            return _checked(cached, fingerprint, weights)
+    kind, rank = config.estimator, config.estimator_rank
+    cached = None
+    if cache is not None and kind == "svd":
+        cached = cache.load(fingerprint, kind, rank, weights)
+    elif cache is not None and calibration_id is not None:
+        cached = cache.load(fingerprint, kind, rank, weights, calibration=calibration_id)
+    elif cache is not None and reuse_calibration:
+        cached = cache.latest(fingerprint, kind, rank, weights)
+    if cached is not None:
+        path = cache.path(fingerprint, kind, rank, cached.calibration)
+        logger.info("loaded estimator from cache %s", path)
+        if calibration_id is None and kind != "svd":
+            logger.warning(
+                "reuse_calibration: reusing the cached whitened estimator calibrated on data "
+                "with fingerprint %s, not on this run's training tokens",
+                cached.calibration,
+            )
+        return _checked(cached, fingerprint, weights)
     if config.estimator != "svd":
         return None
     built = Estimator.build(

@@ -156,7 +156,7 @@ class LabelledLogits:
     def _record_skipped(self, hidden: torch.Tensor, read: torch.Tensor, vocab: int) -> None:
         """Count the LM-head FLOPs skipped in one forward: hidden (B, L, H), read (B, L-1)."""
         skipped = hidden.shape[0] * hidden.shape[1] - int(read.sum())
-        passes = 2 if torch.is_grad_enabled() else 1  # forward, plus the input-gradient backward
+        passes = self.context.batch.passes  # forward, plus the input-gradient backward
         self.context.stats.flops_saved += 2 * passes * hidden.shape[-1] * vocab * skipped
 
 

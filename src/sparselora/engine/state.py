@@ -80,6 +80,9 @@ class BatchState:
       last-layer saving is off for this forward.
     exact_savings: whether this forward may skip work no loss reads (a training forward
       outside `handle.dense()`); the labelled-logits head reads it.
+    backward: whether gradients were on when the model's forward began, so a backward follows.
+      Savings are counted from it, not from the grad mode inside a block, which gradient
+      checkpointing changes (reentrant: off in the first pass, on in the recomputation).
     """
 
     forward_id: int
@@ -88,7 +91,24 @@ class BatchState:
     split: TokenSplit | None
     unread: torch.Tensor | None = None
     exact_savings: bool = False
+    backward: bool = False
+    _counted: set[str] = field(default_factory=set)
     _skip_splits: dict[bool, TokenSplit] = field(default_factory=dict)
+
+    @property
+    def passes(self) -> int:
+        """How often a frozen projection's skipped work would have run: its forward, plus the
+        input-gradient backward when a backward follows."""
+        return 2 if self.backward else 1
+
+    def first_count(self, name: str) -> bool:
+        """True the first time `name` asks within this forward: savings are counted once per
+        forward, not again in a gradient-checkpointing recomputation (which re-uses this
+        state, as the forward id is unchanged)."""
+        if name in self._counted:
+            return False
+        self._counted.add(name)
+        return True
 
     def skip_split(self, with_sparse: bool) -> TokenSplit:
         """The last layer's split: unread rows skipped, the rest sparse or dense as in `split`.
