@@ -5,7 +5,12 @@ from sparselora.config import (  # noqa: E402
     SparseLoRAConfig,
     get_preset,  # noqa: E402
 )
-from sparselora.engine.estimator import Estimator, EstimatorCache, EstimatorMismatchError  # noqa: E402
+from sparselora.engine.estimator import (  # noqa: E402
+    Estimator,
+    EstimatorCache,
+    EstimatorFileError,
+    EstimatorMismatchError,
+)
 from sparselora.engine.handle import SparseLoRA, apply_sparselora  # noqa: E402
 from sparselora.engine.schedule import SparseLoRACallback, SparseSchedule  # noqa: E402
 from sparselora.presets import PRESETS  # noqa: E402
@@ -15,6 +20,7 @@ __all__ = [
     "ConfigError",
     "Estimator",
     "EstimatorCache",
+    "EstimatorFileError",
     "EstimatorMismatchError",
     "PRESETS",
     "SparseLoRA",

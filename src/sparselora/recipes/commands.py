@@ -283,4 +283,9 @@ def build_estimator_file(
     if output:
         estimator.save(output)
         return Path(output)
-    return handle.cache.path(estimator.fingerprint, estimator.kind, estimator.rank)
+    path = handle.cache.path(
+        estimator.fingerprint, estimator.kind, estimator.rank, estimator.calibration
+    )
+    if not path.is_file():  # the cache could not be written (already warned why)
+        raise OSError(f"the estimator could not be saved to the cache {path}; pass --output FILE")
+    return path
