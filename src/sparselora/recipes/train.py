@@ -4,13 +4,28 @@
 trains with the Trainer (so accelerate, DDP, FSDP and DeepSpeed work as usual), and writes the
 run folder:
 
-    RUN_DIR/run.yaml               the validated run config
-    RUN_DIR/checkpoint-N/          Trainer checkpoints; complete once `sparselora_complete.json` exists
+    RUN_DIR/run.yaml               the validated run config, sparselora section resolved; written
+                                   once the data and the model have loaded
+    RUN_DIR/checkpoint-N/          Trainer checkpoints; complete once `sparselora_complete.json`
+                                   exists (written last: sizes and sha256 of the files, and the
+                                   run's FLOPs, FLOPs saved, seconds and step times so far)
+    RUN_DIR/checkpoint-N.corrupt/  a complete checkpoint that failed its check on resume
     RUN_DIR/adapter/               the final adapter in plain PEFT format, plus sparselora.yaml
                                    and estimator.json (kind, rank, fingerprint) beside it
-    RUN_DIR/summary.json           step time, tokens/s, FLOPs, peak memory of training, losses
     RUN_DIR/loss.png               training loss against step and against time
+    RUN_DIR/trainer_state.json     the Trainer's whole log history, evaluations included
+    RUN_DIR/summary.json           step time, tokens/s, FLOPs, peak memory, losses, over the
+                                   whole run across resumes; written last: the run is finished
+    RUN_DIR/finished-step-N/       a finished run's result, kept when a larger max_steps
+                                   continued the run
     RUN_DIR/runs/                  TensorBoard logs
+    RUN_DIR.replaced-K/            an earlier run in RUN_DIR, moved aside by overwrite=True
+
+A re-run into RUN_DIR reports a finished run as finished, resumes an unfinished one from its
+newest checkpoint that passes its check, continues a finished one whose max_steps grew, and
+refuses (RunFolderError) a run that differs in a key that changes the result: see
+sparselora.recipes.run_folder for the rules, the keys, and the save order that makes a kill at
+any moment lose at most the steps since the newest complete checkpoint.
 """
 
 from __future__ import annotations
@@ -18,8 +33,8 @@ from __future__ import annotations
 import json
 import logging
 import os
-import re
 import resource
+import shutil
 import statistics
 import sys
 import time
@@ -27,7 +42,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from transformers import Trainer, TrainerCallback, TrainingArguments
+from peft import set_peft_model_state_dict
+from peft.utils import load_peft_weights
+from transformers import Trainer, TrainerCallback, TrainerState, TrainingArguments
 from transformers import set_seed as hf_set_seed
 
 from sparselora.config import IGNORE_INDEX
@@ -40,11 +57,21 @@ from sparselora.recipes.data import Collator, calibration_batches, tokenize_reco
 from sparselora.recipes.loading import add_lora, load_model, load_tokenizer, resolve_dtype
 from sparselora.recipes.records import load_records
 from sparselora.recipes.run_config import RunConfig
+from sparselora.recipes.run_folder import (
+    CheckpointTotals,
+    RunFolder,
+    atomic_write,
+    checkpoint_totals,
+    find_resume,
+    kill_point,
+    last_complete_checkpoint,
+    mark_complete,
+    rotate_checkpoints,
+    unmark,
+)
 from sparselora.version import __version__
 
 logger = logging.getLogger(__name__)
-
-COMPLETE_MARKER = "sparselora_complete.json"
 
 
 def load_examples(source: str, tokenizer, config: RunConfig, limit: int | None) -> list[dict]:
@@ -58,24 +85,8 @@ def load_examples(source: str, tokenizer, config: RunConfig, limit: int | None) 
     return examples
 
 
-def last_complete_checkpoint(run_dir: Path) -> Path | None:
-    """The newest checkpoint whose save finished (marker written last, atomically)."""
-    found = []
-    for path in run_dir.glob("checkpoint-*"):
-        match = re.fullmatch(r"checkpoint-(\d+)", path.name)
-        if match and (path / COMPLETE_MARKER).exists():
-            found.append((int(match.group(1)), path))
-    return max(found)[1] if found else None
-
-
-def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 class RunRecorder(TrainerCallback):
-    """Step times and wall-clock time; marks finished checkpoints complete."""
+    """Step times and wall-clock training time, both continued across resumes."""
 
     def __init__(self) -> None:
         self.step_times: list[float] = []
@@ -95,28 +106,62 @@ class RunRecorder(TrainerCallback):
     def on_step_end(self, args, state, control, **kwargs):
         self.step_times.append(time.perf_counter() - self._step_start)
 
-    def on_save(self, args, state, control, **kwargs):
-        if not state.is_world_process_zero:
-            return
-        folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
-        if folder.is_dir():
-            marker = {"step": state.global_step, "time": time.time(), "version": __version__}
-            _atomic_write(folder / COMPLETE_MARKER, json.dumps(marker))
-
 
 class RecipeTrainer(Trainer):
     """The HF Trainer, logging wall-clock time and SparseLoRA statistics with every record
-    (so they reach TensorBoard, trainer_state.json and a resumed run's history)."""
+    (so they reach TensorBoard, trainer_state.json and a resumed run's history), and saving
+    checkpoints so that a kill at any moment leaves the newest complete one intact: marker
+    after the files, rotation after the marker (sparselora.recipes.run_folder). Pass
+    `save_total_limit=None` in the TrainingArguments and the limit as `keep_checkpoints`."""
 
     def __init__(
-        self, *args, recorder: RunRecorder, handle: SparseLoRA | None, lora_section, **kwargs
+        self,
+        *args,
+        recorder: RunRecorder,
+        handle: SparseLoRA | None,
+        lora_section,
+        keep_checkpoints: int | None,
+        **kwargs,
     ):
         super().__init__(*args, **kwargs)
         self.recorder = recorder
         self.handle = handle
         self.shape = ModelShape.from_config(self.model.config)
         self.lora_section = lora_section
+        self.keep_checkpoints = keep_checkpoints
         self.train_flops = 0.0
+
+    def totals(self) -> CheckpointTotals:
+        """The run's totals so far, resumes included."""
+        return CheckpointTotals(
+            train_flops=self.train_flops,
+            flops_saved=self.handle.stats.flops_saved if self.handle is not None else 0.0,
+            train_seconds=self.recorder.wall_seconds(),
+            step_times=list(self.recorder.step_times),
+        )
+
+    def restore_totals(self, totals: CheckpointTotals) -> None:
+        """Continue the totals of the run a checkpoint belongs to (FLOPs saved replace the
+        count of this process's calibration, which the checkpoint's count already holds)."""
+        self.train_flops = totals.train_flops
+        if self.handle is not None:
+            self.handle.stats.flops_saved = totals.flops_saved
+        self.recorder.elapsed_before_resume = totals.train_seconds
+        self.recorder.step_times = list(totals.step_times)
+
+    def _save_checkpoint(self, model, trial) -> None:
+        folder = Path(self._get_output_dir(trial=trial)) / f"checkpoint-{self.state.global_step}"
+        step = self.state.global_step
+        if self.args.should_save:
+            unmark(folder)  # a folder left at this step by an earlier attempt is rewritten
+        super()._save_checkpoint(model, trial)
+        if not self.args.should_save:
+            return
+        kill_point("saved", step)
+        mark_complete(folder, step, self.totals())
+        kill_point("marked", step)
+        rotate_checkpoints(folder.parent, self.keep_checkpoints, step)
+        kill_point("rotated", step)
 
     def training_step(self, model, inputs, *args, **kwargs):
         self.train_flops += self._batch_flops(inputs)
@@ -176,20 +221,22 @@ def peak_memory_mb() -> float:
     return peak_kb / 1024 if sys.platform != "darwin" else peak_kb / 2**20
 
 
-def train(config: RunConfig, callbacks: list[TrainerCallback] | None = None) -> dict[str, Any]:
+def train(
+    config: RunConfig, callbacks: list[TrainerCallback] | None = None, overwrite: bool = False
+) -> dict[str, Any]:
     """Run one fine-tuning job; returns the summary also written to RUN_DIR/summary.json.
 
-    `callbacks` are extra Trainer callbacks. Resumes from the last complete checkpoint in the
-    run folder when `training.resume` is true.
+    `callbacks` are extra Trainer callbacks. Into a run folder that already holds a run, this
+    finishes, resumes, continues or refuses it as sparselora.recipes.run_folder describes;
+    `overwrite=True` (`sparselora train --overwrite`) first moves that run aside to
+    RUN_DIR.replaced-K and trains afresh. Raises RunFolderError (a ValueError) when refused.
     """
-    run_dir = Path(config.training.output_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    config.save(run_dir / "run.yaml")
     training = config.training
-    hf_set_seed(training.seed)
+    run_dir = Path(training.output_dir)
+    folder = RunFolder(run_dir)
+    folder.check(config, overwrite)  # a different run is refused before anything loads
 
     section = config.model
-    model = load_model(section.name, section.dtype, section.attn_implementation)
     tokenizer = load_tokenizer(section.name)
     train_examples = load_examples(
         config.data.train, tokenizer, config, config.data.max_train_examples
@@ -200,7 +247,19 @@ def train(config: RunConfig, callbacks: list[TrainerCallback] | None = None) -> 
         else []
     )
     collator = Collator(tokenizer.pad_token_id, config.data.padding_side)
+    args = training_arguments(config, run_dir, evaluate=bool(eval_examples))
+    plan = folder.plan(config, len(train_examples), args.world_size, overwrite)
+    if plan.action == "finished":
+        summary = folder.summary()
+        logger.info(
+            "%s is a finished run of %d steps: nothing to train, its summary is returned (a "
+            "larger training.max_steps continues it; a new training.output_dir or --overwrite "
+            "trains again)", run_dir, summary["steps"],
+        )  # fmt: skip
+        return summary
 
+    hf_set_seed(training.seed)
+    model = load_model(section.name, section.dtype, section.attn_implementation)
     if config.model.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     lora = config.lora
@@ -218,39 +277,11 @@ def train(config: RunConfig, callbacks: list[TrainerCallback] | None = None) -> 
         callbacks.append(SparseLoRACallback(handle))
     recorder = RunRecorder()
     callbacks.append(recorder)
-
-    on_gpu = torch.cuda.is_available()
-    args = TrainingArguments(
-        output_dir=str(run_dir),
-        per_device_train_batch_size=training.batch_size,
-        per_device_eval_batch_size=training.batch_size,
-        gradient_accumulation_steps=training.gradient_accumulation,
-        learning_rate=training.learning_rate,
-        lr_scheduler_type=training.lr_scheduler,
-        warmup_steps=float(training.warmup_ratio),  # a float in [0, 1) is a ratio
-        weight_decay=training.weight_decay,
-        num_train_epochs=training.epochs,
-        max_steps=training.max_steps,
-        logging_steps=config.logging.logging_steps,
-        save_strategy="steps" if training.save_steps > 0 else "no",
-        save_steps=max(1, training.save_steps),
-        save_total_limit=training.save_total_limit,
-        eval_strategy="steps" if training.eval_steps > 0 and eval_examples else "no",
-        eval_steps=training.eval_steps if training.eval_steps > 0 else None,
-        seed=training.seed,
-        data_seed=training.seed,
-        report_to=["tensorboard"] if config.logging.tensorboard else [],
-        remove_unused_columns=False,
-        use_cpu=not on_gpu,
-        bf16=on_gpu and resolve_dtype(config.model.dtype) == torch.bfloat16,
-        prediction_loss_only=True,  # never gather (examples, length, vocab) logits
-        dataloader_num_workers=0,
-        disable_tqdm=False,
-    )
     trainer = RecipeTrainer(
         recorder=recorder,
         handle=handle,
         lora_section=config.lora,
+        keep_checkpoints=training.save_total_limit,
         model=model,
         args=args,
         train_dataset=train_examples,
@@ -259,38 +290,39 @@ def train(config: RunConfig, callbacks: list[TrainerCallback] | None = None) -> 
         callbacks=callbacks,
     )
 
-    resume = last_complete_checkpoint(run_dir) if training.resume else None
+    # Everything has loaded: only now does the run folder change (on the main process).
+    resume, failed = find_resume(run_dir) if plan.action in ("resume", "continue") else (None, [])
+    if plan.action in ("resume", "continue") and resume is None and not failed:
+        logger.warning("%s holds no complete checkpoint: training from step 0", run_dir)
+    _wait_for_everyone(args)
+    if args.should_save:
+        folder.prepare(plan, config, failed)
+    _wait_for_everyone(args)
+
+    totals = CheckpointTotals()
     if resume is not None:
         logger.info("resuming from %s", resume)
-        recorder.elapsed_before_resume = _previous_wall_seconds(resume)
+        totals = checkpoint_totals(resume) or CheckpointTotals(
+            train_seconds=_previous_wall_seconds(resume)
+        )
+        trainer.restore_totals(totals)
     peak_from_training = reset_peak_memory()
-    start = time.perf_counter()
-    try:
-        trainer.train(resume_from_checkpoint=str(resume) if resume else None)
-    except KeyboardInterrupt:
-        last = last_complete_checkpoint(run_dir)
-        logger.warning("interrupted; the last complete checkpoint is %s", last or "none")
-        raise
-    train_seconds = time.perf_counter() - start
+    if resume is not None and _global_step(resume) >= plan.total_steps:
+        # Killed after its last checkpoint: restore it (the Trainer would take one more step).
+        set_peft_model_state_dict(model, load_peft_weights(str(resume)))
+        trainer.state = TrainerState.load_from_json(str(resume / "trainer_state.json"))
+        train_seconds = totals.train_seconds
+    else:
+        try:
+            trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+        except KeyboardInterrupt:
+            last = last_complete_checkpoint(run_dir)
+            logger.warning("interrupted; the last complete checkpoint is %s", last or "none")
+            raise
+        train_seconds = recorder.wall_seconds()
     peak_mb = peak_memory_mb()  # before the final evaluation's full-vocabulary logits
     trainer.save_state()  # RUN_DIR/trainer_state.json: the whole log history, evals included
-
-    adapter_dir = run_dir / "adapter"
-    model.save_pretrained(adapter_dir)
-    tokenizer.save_pretrained(adapter_dir)
-    if handle is not None:
-        handle.config.save(adapter_dir / "sparselora.yaml")
-        estimator = handle.estimator
-        (adapter_dir / "estimator.json").write_text(
-            json.dumps(
-                {
-                    "kind": estimator.kind if estimator else None,
-                    "rank": estimator.rank if estimator else None,
-                    "fingerprint": estimator.fingerprint if estimator else None,
-                },
-                indent=2,
-            )
-        )
+    save_adapter(run_dir, model, tokenizer, handle, main_process=args.should_save)
 
     eval_loss = None
     if eval_examples:
@@ -303,13 +335,12 @@ def train(config: RunConfig, callbacks: list[TrainerCallback] | None = None) -> 
         eval_loss = heldout_loss(model, batches)
 
     tokens = sum(len(e["input_ids"]) for e in train_examples)
-    steps = trainer.state.global_step
     step_times = recorder.step_times
     summary = {
         "method": training.method,
         "model": config.model.name,
         "preset": handle.config.preset if handle is not None else None,
-        "steps": steps,
+        "steps": trainer.state.global_step,
         "train_seconds": train_seconds,
         "median_step_seconds": statistics.median(step_times) if step_times else None,
         "tokens_per_second": _tokens_per_second(trainer, step_times, tokens, len(train_examples)),
@@ -326,9 +357,82 @@ def train(config: RunConfig, callbacks: list[TrainerCallback] | None = None) -> 
         "resumed_from": str(resume) if resume else None,
         "version": __version__,
     }
-    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
-    plot_losses([summary], run_dir / "loss.png")
+    if args.should_save:
+        plot_losses([summary], run_dir / "loss.png")
+        atomic_write(run_dir / "summary.json", json.dumps(summary, indent=2))  # last: finished
     return summary
+
+
+def training_arguments(config: RunConfig, run_dir: Path, evaluate: bool) -> TrainingArguments:
+    """The Trainer's arguments for a run. Checkpoint rotation is left to RecipeTrainer
+    (`keep_checkpoints`), which deletes an old checkpoint only once a newer one is complete."""
+    training = config.training
+    on_gpu = torch.cuda.is_available()
+    return TrainingArguments(
+        output_dir=str(run_dir),
+        per_device_train_batch_size=training.batch_size,
+        per_device_eval_batch_size=training.batch_size,
+        gradient_accumulation_steps=training.gradient_accumulation,
+        learning_rate=training.learning_rate,
+        lr_scheduler_type=training.lr_scheduler,
+        warmup_steps=float(training.warmup_ratio),  # a float in [0, 1) is a ratio
+        weight_decay=training.weight_decay,
+        num_train_epochs=training.epochs,
+        max_steps=training.max_steps,
+        logging_steps=config.logging.logging_steps,
+        save_strategy="steps" if training.save_steps > 0 else "no",
+        save_steps=max(1, training.save_steps),
+        save_total_limit=None,
+        eval_strategy="steps" if training.eval_steps > 0 and evaluate else "no",
+        eval_steps=training.eval_steps if training.eval_steps > 0 else None,
+        seed=training.seed,
+        data_seed=training.seed,
+        report_to=["tensorboard"] if config.logging.tensorboard else [],
+        remove_unused_columns=False,
+        use_cpu=not on_gpu,
+        bf16=on_gpu and resolve_dtype(config.model.dtype) == torch.bfloat16,
+        prediction_loss_only=True,  # never gather (examples, length, vocab) logits
+        dataloader_num_workers=0,
+        disable_tqdm=False,
+    )
+
+
+def save_adapter(run_dir: Path, model, tokenizer, handle: SparseLoRA | None, main_process: bool):
+    """RUN_DIR/adapter, written whole: into adapter.tmp, then renamed over any adapter/ left by a
+    kill of this same run before its summary. Every process computes the state dict (FSDP
+    gathers it); the main process writes."""
+    tmp, final = run_dir / "adapter.tmp", run_dir / "adapter"
+    if main_process and tmp.exists():
+        shutil.rmtree(tmp)
+    model.save_pretrained(tmp, is_main_process=main_process)
+    if not main_process:
+        return
+    tokenizer.save_pretrained(tmp)
+    if handle is not None:
+        handle.config.save(tmp / "sparselora.yaml")
+        estimator = handle.estimator
+        (tmp / "estimator.json").write_text(
+            json.dumps(
+                {
+                    "kind": estimator.kind if estimator else None,
+                    "rank": estimator.rank if estimator else None,
+                    "fingerprint": estimator.fingerprint if estimator else None,
+                },
+                indent=2,
+            )
+        )
+    if final.exists():
+        shutil.rmtree(final)
+    os.rename(tmp, final)
+
+
+def _global_step(checkpoint: Path) -> int:
+    return json.loads((checkpoint / "trainer_state.json").read_text())["global_step"]
+
+
+def _wait_for_everyone(args: TrainingArguments) -> None:
+    if args.distributed_state is not None:
+        args.distributed_state.wait_for_everyone()
 
 
 def _tokens_per_second(trainer, step_times, tokens, examples) -> float | None:
