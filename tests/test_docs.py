@@ -107,3 +107,15 @@ def test_every_cited_module_exists():
         if bad:
             missing[str(path.relative_to(ROOT))] = bad
     assert not missing, f"cited modules that do not exist, by file: {missing}"
+
+
+def test_every_test_docs_reliability_names_exists():
+    """docs/RELIABILITY.md maps each case to the tests that check it; a renamed or deleted test
+    must not leave the table pointing at nothing."""
+    named = set(re.findall(r"\btest_\w+", (ROOT / "docs" / "RELIABILITY.md").read_text()))
+    defined = set()
+    for path in (ROOT / "tests").rglob("test_*.py"):
+        defined |= set(re.findall(r"^def (test_\w+)", path.read_text(), re.MULTILINE))
+        defined.add(path.stem)  # a file cited by name
+    assert len(named) > 40
+    assert named <= defined, f"docs/RELIABILITY.md names unknown tests: {sorted(named - defined)}"

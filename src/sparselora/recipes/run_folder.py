@@ -105,6 +105,7 @@ class CheckpointTotals:
 
     train_flops: float = 0.0
     flops_saved: float = 0.0
+    dense_steps: int = 0  # forwards run dense because the estimator was not ready
     train_seconds: float = 0.0
     step_times: list[float] = field(default_factory=list)
 

@@ -136,6 +136,7 @@ class RecipeTrainer(Trainer):
         return CheckpointTotals(
             train_flops=self.train_flops,
             flops_saved=self.handle.stats.flops_saved if self.handle is not None else 0.0,
+            dense_steps=self.handle.stats.dense_steps if self.handle is not None else 0,
             train_seconds=self.recorder.wall_seconds(),
             step_times=list(self.recorder.step_times),
         )
@@ -146,6 +147,7 @@ class RecipeTrainer(Trainer):
         self.train_flops = totals.train_flops
         if self.handle is not None:
             self.handle.stats.flops_saved = totals.flops_saved
+            self.handle.stats.dense_steps = totals.dense_steps
         self.recorder.elapsed_before_resume = totals.train_seconds
         self.recorder.step_times = list(totals.step_times)
 
@@ -354,6 +356,7 @@ def train(
         ],
         "train_flops": trainer.train_flops,
         "flops_saved": handle.stats.flops_saved if handle is not None else 0.0,
+        "dense_steps": handle.stats.dense_steps if handle is not None else 0,
         "resumed_from": str(resume) if resume else None,
         "version": __version__,
     }
