@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -209,3 +210,19 @@ def test_train_overwrite_reaches_the_recipe(monkeypatch):
     assert cli.main(["train", "training.max_steps=3"]) == 0
     assert cli.main(["train", "training.max_steps=3", "--overwrite"]) == 0
     assert seen == [False, True]
+
+
+def test_the_demo_trains_afresh_moving_an_earlier_demo_aside(monkeypatch, tmp_path):
+    from sparselora.recipes import demo
+
+    commands = []
+
+    def fake_run(command, check):
+        commands.append(command)
+        out = next(a.split("=", 1)[1] for a in command if a.startswith("training.output_dir="))
+        Path(out).mkdir(parents=True)
+        (Path(out) / "summary.json").write_text("{}")
+
+    monkeypatch.setattr(demo.subprocess, "run", fake_run)
+    demo.train_run("lora", tmp_path, demo.DemoConfig())
+    assert commands[0][3:5] == ["train", "--overwrite"]

@@ -47,7 +47,10 @@ class DemoConfig:
 
 
 def train_run(method: str, root: Path, args: DemoConfig) -> dict:
-    """Train one method in its own process (`sparselora train`); returns its summary.json."""
+    """Train one method in its own process (`sparselora train`); returns its summary.json.
+
+    Every demo trains afresh: an earlier demo run in ROOT/METHOD is moved aside to
+    ROOT/METHOD.replaced-K (`train --overwrite`), never deleted."""
     out = root / method
     overrides = [
         f"training.method={method}",
@@ -61,7 +64,7 @@ def train_run(method: str, root: Path, args: DemoConfig) -> dict:
         f"data.max_eval_examples={args.eval_examples}",
         f"logging.logging_steps={max(1, args.steps // 12)}",
     ]
-    command = [sys.executable, "-m", "sparselora.cli", "train", *overrides]
+    command = [sys.executable, "-m", "sparselora.cli", "train", "--overwrite", *overrides]
     logger.info("training %s: sparselora %s", method, " ".join(command[3:]))
     subprocess.run(command, check=True)
     return json.loads((out / "summary.json").read_text())
