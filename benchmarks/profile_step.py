@@ -8,6 +8,7 @@ timer. Prints a markdown table of seconds per group and method, and the top oper
 
     python benchmarks/profile_step.py --shape 512,128 --batch-size 4 --repeats 3
     python benchmarks/profile_step.py --model DIR --random-weights --preset NAME ...
+    python benchmarks/profile_step.py --load-in-4bit ...   (QLoRA: dequantization is a group)
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from sparselora.perf.bench import BenchConfig, StepRunner
 from sparselora.perf.common import add_lora_and_sparselora, parse_shape, synthetic_batch
 
 GROUPS = {
+    "dequantize (4-bit)": ("bitsandbytes::dequantize",),
     "matmul": ("aten::mm", "aten::addmm", "aten::bmm", "aten::matmul", "aten::linear"),
     "gather/scatter": ("aten::index_select", "aten::index_copy", "aten::index", "aten::index_put"),
     "copy/cat": ("aten::copy_", "aten::cat", "aten::clone", "aten::contiguous", "aten::zeros",
@@ -60,6 +62,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="smollm2-135m-instruct")
     parser.add_argument("--random-weights", action="store_true")
+    parser.add_argument("--load-in-4bit", action="store_true", help="QLoRA (bitsandbytes nf4)")
     parser.add_argument("--preset", default="smollm2-135m-gsm8k")
     parser.add_argument("--shape", default="512,128")
     parser.add_argument("--batch-size", type=int, default=4)
@@ -73,6 +76,7 @@ def main() -> None:
     config = BenchConfig(
         model=args.model,
         random_weights=args.random_weights,
+        load_in_4bit=args.load_in_4bit,
         sparselora=args.preset,
         shapes=[args.shape],
         batch_size=args.batch_size,
@@ -94,7 +98,15 @@ def main() -> None:
         for method in runs:
             runs[method].append(profile_step(runner, method, batch))
 
-    names = ["matmul", "gather/scatter", "copy/cat", "attention", "elementwise", "other"]
+    names = [
+        "dequantize (4-bit)",
+        "matmul",
+        "gather/scatter",
+        "copy/cat",
+        "attention",
+        "elementwise",
+        "other",
+    ]
     print(f"| group | LoRA s | SparseLoRA s |  ({args.model}, {args.preset}, B={args.batch_size}, "
           f"{args.shape}, medians of {args.repeats})")  # fmt: skip
     print("|---|---|---|")

@@ -160,7 +160,9 @@ def test_eval_allow_code_execution_reaches_the_recipe(monkeypatch, capsys):
     seen = []
     monkeypatch.setattr(
         "sparselora.recipes.commands.evaluate_run",
-        lambda run_dir, **kwargs: seen.append(kwargs["allow_code_execution"]) or {},
+        lambda run_dir, **kwargs: (
+            seen.append(kwargs["allow_code_execution"]) or {"predictions": None}
+        ),
     )
     assert cli.main(["eval", "runs/x", "--task", "humaneval"]) == 0
     assert cli.main(["eval", "runs/x", "--task", "humaneval", "--allow-code-execution"]) == 0

@@ -110,12 +110,6 @@ def test_layer_beyond_model_depth_is_a_clear_error():
         apply_sparselora(model, SparseLoRAConfig.from_preset("llama3-8b-csr"), use_cache=False)
 
 
-def test_dora_is_refused():
-    model = get_peft_model(tiny_llama(), LoraConfig(r=2, target_modules=ATTN, use_dora=True))
-    with pytest.raises(NotImplementedError, match="DoRA|use_dora"):
-        apply_sparselora(model, SPARSE, use_cache=False)
-
-
 def test_schedule_fractions():
     schedule = SparseSchedule(100, start_step=0.05, end_step=0.9)
     sparse = [step for step in range(100) if schedule.is_sparse(step)]

@@ -126,4 +126,5 @@ def test_fsdp2_apply_order(fsdp_run):
         assert seen["outside_forward"] == ["DTensor", [48, 64]]  # gate_proj (96, 64), dim 0
         assert seen["inside_forward"][0] != "DTensor"
         assert seen["inside_forward"][1] == [96, 64]
-        assert report["apply_after_shard"] is not None
+        assert report["apply_after_shard"].startswith("ValueError: layer 0: the frozen weights")
+        assert "before fully_shard" in report["apply_after_shard"]

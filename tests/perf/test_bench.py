@@ -202,9 +202,24 @@ def test_run_benchmark_loads_the_named_model(monkeypatch):
         with pytest.raises(_Loaded):
             run_benchmark(config)
     assert calls == [
-        ("llama3-8b", "auto", "sdpa", {"device": cpu, "random_weights": True, "seed": 7}),
-        (EMBEDDED_MODEL, "auto", "sdpa", {"device": cpu, "random_weights": False, "seed": 7}),
-        ("a/dir", "auto", "sdpa", {"device": cpu, "random_weights": False, "seed": 7}),
+        (
+            "llama3-8b",
+            "auto",
+            "sdpa",
+            {"device": cpu, "random_weights": True, "seed": 7, "load_in_4bit": False},
+        ),
+        (
+            EMBEDDED_MODEL,
+            "auto",
+            "sdpa",
+            {"device": cpu, "random_weights": False, "seed": 7, "load_in_4bit": False},
+        ),
+        (
+            "a/dir",
+            "auto",
+            "sdpa",
+            {"device": cpu, "random_weights": False, "seed": 7, "load_in_4bit": False},
+        ),
     ]
 
 

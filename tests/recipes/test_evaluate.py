@@ -16,6 +16,7 @@ from sparselora.recipes.evaluate import (
     accuracy,
     canonical_task,
     check_completions,
+    check_golds,
     extract_answer,
     generate,
     heldout_loss,
@@ -117,7 +118,7 @@ def test_is_correct_numeric_tolerance_and_gold_formats():
     assert is_correct("svamp", "That makes 1,234.", "1,234")
     assert is_correct("mawps", "x = -0.5", -0.5)
     assert not is_correct("gsm8k", "5 then 6", "5")  # the last number counts, not the first
-    with pytest.raises(ValueError, match="numeric gold"):
+    with pytest.raises(ValueError, match="'five' does not fit task gsm8k.*a number"):
         is_correct("gsm8k", "5", "five")
 
 
@@ -205,9 +206,75 @@ def test_generate_stops_at_eos(small_model, tokenizer):
     assert stopped != generate(small_model, tokenizer, [prompt], 8, progress=False)
 
 
-def test_accuracy_counts_and_samples(monkeypatch, small_model, tokenizer):
+AQUA_CASES = [
+    ("C", "C"),
+    ("  (B) 21.5", "B"),
+    ("The answer is (D)", "D"),  # "The" has no capital A-E; the first one is D
+    ("Answer: C", "A"),  # LLM-Adapters' rule: the first capital A-E anywhere, even in a word
+    ("E. because A is wrong", "E"),
+    ("d", None),  # lower case does not count
+    ("the answer is 22", None),
+]
+
+
+@pytest.mark.parametrize("response,expected", AQUA_CASES)
+def test_aqua_takes_the_first_capital_letter_a_to_e_as_llm_adapters(response, expected):
+    assert extract_answer("aqua", response) == expected
+    if expected is not None:
+        assert is_correct("AQuA", response, expected)
+        assert is_correct("aqua", response, f" {expected.lower()} ")  # gold case and spaces
+        assert not is_correct("aqua", response, "A" if expected != "A" else "B")
+
+
+@pytest.mark.parametrize(
+    "task,golds",
+    [
+        ("gsm8k", ["18", "1,234", "-2.5", 7, None, "3.0"]),
+        ("aqua", ["A", "e", " C "]),
+        ("boolq", ["true", "False", True]),
+        ("piqa", ["solution1", "2"]),
+        ("arc-c", ["answer1", "answer5", "4"]),
+        ("hellaswag", ["ending4", "1"]),
+        ("winogrande", ["option2"]),
+    ],
+)
+def test_check_golds_accepts_the_forms_of_each_rule(task, golds):
+    check_golds(task, golds)
+
+
+@pytest.mark.parametrize(
+    "task,golds,index,form",
+    [
+        ("gsm8k", ["18", "C", "D"], 1, "a number"),
+        ("svamp", ["3", True], 1, "a number"),
+        ("aqua", ["A", "B", "21.5"], 2, "one letter A-E"),
+        ("aqua", ["F"], 0, "one letter A-E"),
+        ("boolq", ["true", "yes"], 1, "true or false"),
+        ("boolq", ["1"], 0, "true or false"),
+        ("piqa", ["solution3"], 0, "solution1 .. solution2"),
+        ("ARC-Easy", ["answer1", "answer6"], 1, "answer1 .. answer5"),
+        ("winogrande", ["option1", "A"], 1, "option1 .. option2"),
+    ],
+)
+def test_check_golds_names_task_index_value_and_form(task, golds, index, form):
+    with pytest.raises(ValueError) as error:
+        check_golds(task, golds)
+    message = str(error.value)
+    assert f"task {canonical_task(task)}" in message
+    assert f"example {index}" in message and repr(golds[index]) in message
+    assert form in message
+
+
+def test_accuracy_checks_golds_before_generating(monkeypatch, small_model, tokenizer):
+    monkeypatch.setattr(evaluate, "generate", lambda *a, **k: pytest.fail("generated"))
+    records = [{"prompt": "p1", "answer": "B"}, {"prompt": "p2", "answer": "C"}]
+    with pytest.raises(ValueError, match=r"task gsm8k.*example 0.*'B'.*a number"):
+        accuracy(small_model, tokenizer, records, "gsm8k", max_new_tokens=4)
+
+
+def test_accuracy_counts_and_predictions(monkeypatch, small_model, tokenizer):
     responses = ["the answer is 5", "6 or maybe 8", "no idea"]
-    monkeypatch.setattr(evaluate, "generate", lambda *args, **kwargs: list(responses))
+    monkeypatch.setattr(evaluate, "generate", lambda m, t, prompts, *a: responses[: len(prompts)])
     records = [
         {"prompt": "p1", "answer": "5"},
         {"prompt": "p2", "answer": "6"},
@@ -217,13 +284,18 @@ def test_accuracy_counts_and_samples(monkeypatch, small_model, tokenizer):
     assert result["task"] == "gsm8k"
     assert (result["correct"], result["total"]) == (1, 3)
     assert result["accuracy"] == pytest.approx(1 / 3)
-    assert result["samples"][1] == {
+    assert result["predictions"][1] == {
         "prompt": "p2",
-        "response": "6 or maybe 8",
+        "generation": "6 or maybe 8",
+        "extracted": 8.0,
         "gold": "6",
-        "prediction": 8.0,
+        "correct": False,
     }
-    assert result["samples"][2]["prediction"] is None
+    assert [row["correct"] for row in result["predictions"]] == [True, False, False]
+    assert result["predictions"][2]["extracted"] is None
+    ids = tokenizer("Question: 2 + 3?")["input_ids"]  # token-id prompts are decoded for the file
+    by_ids = accuracy(small_model, tokenizer, [{"prompt": ids, "answer": "5"}], "gsm8k", 8)
+    assert by_ids["predictions"][0]["prompt"] == tokenizer.decode(ids)
 
 
 # -- held-out loss -------------------------------------------------------------------------
@@ -321,7 +393,12 @@ def test_humaneval_pass_at_1_truncates_and_counts(monkeypatch, small_model, toke
         small_model, tokenizer, limit=2, timeout=2.0, allow_code_execution=True
     )
     assert prompts_seen[0] == problems[0]["prompt"] and len(prompts_seen) == 2
+    predictions = result.pop("predictions")
     assert result == {"pass_at_1": 0.5, "passed": 1, "total": 2}
+    assert [row["task_id"] for row in predictions] == ["HumanEval/0", "HumanEval/1"]
+    assert [row["correct"] for row in predictions] == [True, False]
+    assert predictions[0]["extracted"] == problems[0]["canonical_solution"]  # cut at "\ndef "
+    assert predictions[0]["generation"].endswith("def junk(:\n")
 
 
 @pytest.fixture

@@ -216,3 +216,20 @@ def test_temporary_folder_does_not_collide_with_user_data(run):
     export_merged(run, run.parent / "out")
     assert (run / "merged.tmp" / "keep.txt").read_text() == "the user's data"
     assert (run.parent / "out.tmp" / "keep.txt").read_text() == "the user's data"
+
+
+def test_a_qlora_run_is_evaluated_in_4bit_and_merged_into_the_float_base(run, monkeypatch):
+    config = RunConfig.load(run / "run.yaml")
+    config.model.load_in_4bit = True
+    config.save(run / "run.yaml")
+    asked = []
+    real = commands.load_model
+
+    def load_model(*args, **kwargs):
+        asked.append(kwargs["load_in_4bit"])
+        return real(*args, **{**kwargs, "load_in_4bit": False})  # the tiny model stays float
+
+    monkeypatch.setattr(commands, "load_model", load_model)
+    commands.load_run(run)
+    export_merged(run)
+    assert asked == [True, False]

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import logging
 from pathlib import Path
 
 from sparselora.cli.options import add_dataclass_options, dataclass_from_args, describe_fields
@@ -20,6 +21,8 @@ from sparselora.recipes.calibrate import CalibrateConfig, calibrate
 from sparselora.recipes.demo import DemoConfig, run_demo
 from sparselora.recipes.loading import EMBEDDED_MODEL, METHODS
 from sparselora.recipes.run_config import RunConfig
+
+logger = logging.getLogger(__name__)
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -63,13 +66,39 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     add_dataclass_options(p, CalibrateConfig)
     p.set_defaults(func=_calibrate)
 
-    p = subparsers.add_parser("eval", help="held-out loss and accuracy of a trained run (dense)")
+    p = subparsers.add_parser(
+        "eval",
+        help="held-out loss and accuracy of a trained run (dense)",
+        description="Held-out loss and generation accuracy of a trained run (dense). Each "
+        "evaluation writes its per-example predictions (prompt, generation, extracted answer, "
+        "gold, correct) to a new file RUN_DIR/predictions/TASK-DATA[-N].jsonl, appends its "
+        "result to RUN_DIR/eval_history.jsonl and writes it to RUN_DIR/eval.json (the latest "
+        "evaluation). Gold answers that do not fit the task's answer rule are refused before "
+        "the model loads.",
+    )
     p.add_argument("run_dir")
-    p.add_argument("--data", help="held-out data (default: the run's data.eval)")
-    p.add_argument("--task", help="answer rule (default: the run's data.task)")
+    p.add_argument(
+        "--data",
+        help="held-out data: gsm8k:eval or an LLM-Adapters .json / .jsonl file with an "
+        "'answer' per example (default: the run's data.eval)",
+    )
+    p.add_argument(
+        "--task",
+        help="answer rule: gsm8k, svamp, mawps, AddSub, MultiArith, SingleEq (last number), "
+        "aqua (letter A-E), boolq, piqa, siqa, hellaswag, winogrande, arc-e, arc-c, obqa, "
+        "humaneval (default: the run's data.task)",
+    )
     p.add_argument("--limit", type=int, help="evaluate the first N examples only")
     p.add_argument("--max-new-tokens", type=int, default=256)
     p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument(
+        "--loss",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="compute the held-out loss of each example's response as the file writes it "
+        "(in LLM-Adapters' test files 'output' is a model-written answer, not a reference; "
+        "eval.json's heldout_loss_note says what was scored)",
+    )
     p.add_argument(
         "--allow-code-execution",
         action="store_true",
@@ -195,8 +224,14 @@ def _eval(args: argparse.Namespace) -> int:
         max_new_tokens=args.max_new_tokens,
         batch_size=args.batch_size,
         allow_code_execution=args.allow_code_execution,
+        loss=args.loss,
     )
-    print(json.dumps({k: v for k, v in result.items() if k != "samples"}, indent=2))
+    print(json.dumps(result, indent=2))
+    if result["predictions"]:
+        print(f"predictions written to {result['predictions']}")
+    print(
+        f"result written to {Path(args.run_dir) / 'eval.json'} (and appended to eval_history.jsonl)"
+    )
     return 0
 
 

@@ -33,7 +33,13 @@ import torch.nn.functional as F
 
 from sparselora.engine import ops, selection
 from sparselora.engine.models.base import BlockModules, Rows
-from sparselora.engine.peft_compat import active_lora_adapters, base_linear, is_merged, lora_delta
+from sparselora.engine.peft_compat import (
+    active_lora_adapters,
+    base_linear,
+    is_merged,
+    plus_adapters,
+)
+from sparselora.engine.quant import float_weight, frozen_weight
 from sparselora.engine.state import BatchState, ForwardContext, TokenSplit
 
 ROW_PROJECTIONS = ("q_proj", "k_proj", "v_proj")  # attention projections with kept output rows
@@ -222,11 +228,11 @@ class SparseBlock:
         g, u = self._gate_up(xs, keep, dense_lora)  # (n, k) each, or (n, I) with dense LoRA
         h = m.act(g) * u
         if not dense_lora:
-            y = ops.cols_linear(h, down.weight, down.bias, keep)  # (n, H)
-            return _plus(y, lora_delta(m.down, h, in_cols=keep))
+            y = ops.cols_linear(h, frozen_weight(down), down.bias, keep)  # (n, H)
+            return plus_adapters(m.down, y, h, in_cols=keep)
         # Dense LoRA branch: frozen weights on kept channels, adapters on every channel.
-        y = ops.cols_linear(h.index_select(1, keep), down.weight, down.bias, keep)
-        return _plus(y, lora_delta(m.down, h))
+        y = ops.cols_linear(h.index_select(1, keep), frozen_weight(down), down.bias, keep)
+        return plus_adapters(m.down, y, h)
 
     def _gate_up(
         self, xs: torch.Tensor, keep: torch.Tensor, dense_lora: bool
@@ -250,16 +256,17 @@ class SparseBlock:
         """xs: (n, H) -> (n, out): kept output rows of the frozen weight, dense LoRA."""
         base = base_linear(module)
         base_in = xs.detach() if self.config.detach_sparse_base else xs
-        y = ops.rows_linear(base_in, base.weight, base.bias, rows)  # (n, k)
-        y = ops.scatter_channels(y, rows, base.out_features)  # (n, out)
-        return _plus(y, lora_delta(module, xs))
+        y = ops.rows_linear(base_in, frozen_weight(base), base.bias, rows)  # (n, k)
+        return plus_adapters(module, y, xs, rows=rows, full_width=True)  # (n, out)
 
     def _sparse_o(self, module, xs: torch.Tensor, columns: torch.Tensor) -> torch.Tensor:
         """xs: (n, nh*hd) -> (n, H): kept input columns of the frozen weight, dense LoRA."""
         base = base_linear(module)
         base_in = xs.detach() if self.config.detach_sparse_base else xs
-        y = ops.cols_linear(base_in.index_select(1, columns), base.weight, base.bias, columns)
-        return _plus(y, lora_delta(module, xs))
+        y = ops.cols_linear(
+            base_in.index_select(1, columns), frozen_weight(base), base.bias, columns
+        )
+        return plus_adapters(module, y, xs)
 
     # -- selection -----------------------------------------------------------------------
 
@@ -353,7 +360,7 @@ class SparseBlock:
         if self._criterion(role) == "oracle":
 
             def project(p: torch.Tensor) -> torch.Tensor:
-                weight = rows.take(base.weight)
+                weight = rows.take(float_weight(base))
                 return F.linear(p.to(weight.dtype), weight, bias).float()
 
             return project
@@ -410,21 +417,16 @@ class SparseBlock:
         }
 
 
-def _plus(y: torch.Tensor, delta: torch.Tensor | None) -> torch.Tensor:
-    """y + a LoRA delta, summed in the wider dtype and rounded once to y's, as PEFT does."""
-    return y if delta is None else (y + delta).to(y.dtype)
-
-
 def _rows_output(
     module: torch.nn.Module, xs: torch.Tensor, rows: torch.Tensor, dense_lora: bool
 ) -> torch.Tensor:
     """xs (n, in) -> the frozen weight's `rows` (k,) plus LoRA: (n, k) with the LoRA delta on
     those rows only, or with `dense_lora` (n, out), zeros at the other rows plus the full delta."""
     base = base_linear(module)
-    y = ops.rows_linear(xs, base.weight, base.bias, rows)  # (n, k)
+    y = ops.rows_linear(xs, frozen_weight(base), base.bias, rows)  # (n, k)
     if not dense_lora:
-        return _plus(y, lora_delta(module, xs, out_rows=rows))
-    return _plus(ops.scatter_channels(y, rows, base.out_features), lora_delta(module, xs))
+        return plus_adapters(module, y, xs, rows=rows)
+    return plus_adapters(module, y, xs, rows=rows, full_width=True)
 
 
 def _group_by_module(modules: BlockModules) -> dict[str, tuple[tuple[str, Rows], ...]]:
@@ -440,10 +442,10 @@ def _group_by_module(modules: BlockModules) -> dict[str, tuple[tuple[str, Rows],
 def _unowned_rows(parts: tuple[tuple[str, Rows], ...]) -> torch.Tensor | None:
     """The rows of the parts' module that none of them owns (Qwen3.5's output gate), (u,) on
     the weight's device; None when the projections cover every row."""
-    weight = base_linear(parts[0][1].module).weight
-    owned = torch.zeros(weight.shape[0], dtype=torch.bool)
+    base = base_linear(parts[0][1].module)
+    owned = torch.zeros(base.out_features, dtype=torch.bool)
     for _, rows in parts:
         owned[rows.rows_of(torch.arange(rows.width))] = True
     if bool(owned.all()):
         return None
-    return (~owned).nonzero().squeeze(1).to(weight.device)
+    return (~owned).nonzero().squeeze(1).to(base.weight.device)

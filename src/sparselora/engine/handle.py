@@ -36,6 +36,7 @@ from sparselora.engine.estimator import (
 )
 from sparselora.engine.models import BlockModules, family_for
 from sparselora.engine.peft_compat import base_linear, check_supported
+from sparselora.engine.quant import float_weight
 from sparselora.engine.savings import LabelledLogits
 from sparselora.engine.state import BatchState, ForwardContext, TokenSplit, output_positions
 from sparselora.engine.stats import SparsityStats
@@ -392,7 +393,12 @@ def apply_sparselora(
     for i, block in modules.items():
         names = (FFN_PROJECTIONS if i in ffn else ()) + (ATTN_PROJECTIONS if i in attn else ())
         for target in {id(m): m for m in map(block.projection, names)}.values():
-            base_linear(target)
+            if _is_sharded(base_linear(target).weight):
+                raise ValueError(
+                    f"layer {i}: the frozen weights are already sharded (a DTensor: FSDP2's "
+                    "fully_shard ran first); call apply_sparselora before fully_shard / FSDP "
+                    "wrapping, on the whole weights (docs/MULTI_GPU.md)"
+                )
             check_supported(target, f"layer {i}")
 
     weights = ProjectionWeights(modules, _estimator_keys(config, ffn, attn))
@@ -467,7 +473,9 @@ class ProjectionWeights(Mapping[Key, torch.Tensor]):
 
     A projection that is a span of a fused module's rows (Phi-3) is a view of that weight; one
     interleaved with other rows (Qwen3.5's q) is gathered at each access, so no copy outlives
-    the fit, fingerprint or shape check that reads it. Unfused: a view of the whole weight.
+    the fit, fingerprint or shape check that reads it. Unfused: a view of the whole weight. A
+    bitsandbytes 4-bit weight is dequantized at each access (in its stored dtype), so the
+    estimator and the fingerprint see the float matrix the model computes with.
     """
 
     def __init__(self, blocks: Mapping[int, BlockModules], keys: Iterable[Key]) -> None:
@@ -478,13 +486,22 @@ class ProjectionWeights(Mapping[Key, torch.Tensor]):
         if key not in self._keys:
             raise KeyError(key)
         rows = self._blocks[key[0]].rows(key[1])
-        return rows.take(base_linear(rows.module).weight)
+        return rows.take(float_weight(base_linear(rows.module)))
 
     def __iter__(self) -> Iterator[Key]:
         return iter(self._keys)
 
     def __len__(self) -> int:
         return len(self._keys)
+
+
+def _is_sharded(weight: torch.Tensor) -> bool:
+    """Whether `weight` is a DTensor shard (FSDP2) rather than the whole weight."""
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # a torch build without distributed support
+        return False
+    return isinstance(weight, DTensor)
 
 
 def _installed_handle(model: nn.Module) -> SparseLoRA | None:

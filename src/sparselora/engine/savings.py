@@ -102,18 +102,24 @@ class LabelledLogits:
 
         @functools.wraps(original)  # keeps the signature: the Trainer reads it to pick columns
         def forward(*args, **kwargs):
+            if not self._installed:  # removed while another wrapper (TRL's head) sits on top
+                return original(*args, **kwargs)
             return self._forward(original, *args, **kwargs)
 
+        self._wrapper = forward
         self.model.forward = forward
         self._installed = True
 
     def uninstall(self) -> None:
+        """Restore the model's forward; if something wrapped ours since (TRL's SFTTrainer
+        installs its own LM head that way), leave that chain in place: ours passes through."""
         if not self._installed:
             return
-        if self._own is None:
-            del self.model.forward
-        else:
-            self.model.forward = self._own
+        if self.model.__dict__.get("forward") is self._wrapper:
+            if self._own is None:
+                del self.model.forward
+            else:
+                self.model.forward = self._own
         self._installed = False
 
     def _forward(self, original, *args, **kwargs):

@@ -90,6 +90,14 @@ class BenchConfig(MeasureConfig):
         default=False,
         metadata=doc("Build the model from its config with random weights (no checkpoint)."),
     )
+    load_in_4bit: bool = field(
+        default=False,
+        metadata=doc(
+            "QLoRA: the base projections in bitsandbytes nf4 (double-quantized scales), as "
+            "model.load_in_4bit of `sparselora train`; LoRA is then QLoRA and SparseLoRA runs on "
+            "the 4-bit weights. Not with random_weights."
+        ),
+    )
     padding: list[str] = field(
         default_factory=lambda: list(PADDING_MODES),
         metadata=doc(
@@ -102,8 +110,11 @@ class BenchConfig(MeasureConfig):
         super().__post_init__()
         self.padding = list(dict.fromkeys(self.padding))
         check_choice("padding", self.padding, PADDING_MODES)
-        if not isinstance(self.random_weights, bool):
-            raise ConfigError(f"random_weights must be true or false, got {self.random_weights!r}")
+        for name in ("random_weights", "load_in_4bit"):
+            if not isinstance(getattr(self, name), bool):
+                raise ConfigError(f"{name} must be true or false, got {getattr(self, name)!r}")
+        if self.random_weights and self.load_in_4bit:
+            raise ConfigError("load_in_4bit needs a checkpoint: set random_weights=false")
 
     def base_model(self, device: torch.device) -> nn.Module:
         """The model to measure, on `device`, in train mode, before LoRA is added."""
@@ -114,6 +125,7 @@ class BenchConfig(MeasureConfig):
             device=device,
             random_weights=self.random_weights,
             seed=self.seed,
+            load_in_4bit=self.load_in_4bit,
         ).train()
 
 
@@ -421,6 +433,7 @@ def run_benchmark(config: BenchConfig, progress: bool = False) -> BenchResults:
             dtype=str(dtype).removeprefix("torch."),
             model=config.model,
             random_weights=config.random_weights,
+            load_in_4bit=config.load_in_4bit,
             model_shape=dataclasses.asdict(model_shape),
             preset=sparse_config.preset or config.sparselora,
             sparselora_config=sparse_config.to_dict(),

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import shutil
 import tempfile
 from datetime import datetime, timezone
@@ -20,6 +21,7 @@ from sparselora.recipes.data import (
     CALIBRATION_EXAMPLES,
     Collator,
     calibration_batches,
+    tokenize_prompts,
     tokenize_records,
 )
 from sparselora.recipes.loading import load_model, load_tokenizer
@@ -33,6 +35,10 @@ logger = logging.getLogger(__name__)
 EXPORT_MARKER = "sparselora_export.json"
 # PEFT's adapter weight files, current and older; a finished run folder has one of them.
 ADAPTER_WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin")
+# `sparselora eval` keeps every evaluation: its per-example predictions in a new file of this
+# folder, and its result as one more line of the history (eval.json holds only the latest).
+PREDICTIONS_DIR = "predictions"
+EVAL_HISTORY = "eval_history.jsonl"
 
 
 def read_run_config(run_dir: Path) -> RunConfig:
@@ -62,15 +68,22 @@ def read_run_config(run_dir: Path) -> RunConfig:
     return RunConfig.load(run_dir / "run.yaml")
 
 
-def load_run(run_dir: Path):
+def load_run(run_dir: Path, quantized: bool = True):
     """(run config, PEFT model with the run's adapter in eval mode, tokenizer).
 
-    Raises FileNotFoundError before loading anything if the run folder is incomplete (see
-    ``read_run_config``).
+    A QLoRA run (`model.load_in_4bit`) is loaded in 4-bit, as it was trained, unless
+    `quantized=False` (export merges into the float base). Raises FileNotFoundError before
+    loading anything if the run folder is incomplete (see ``read_run_config``).
     """
     config = read_run_config(run_dir)
     section = config.model
-    model = load_model(section.name, section.dtype, section.attn_implementation)
+    model = load_model(
+        section.name,
+        section.dtype,
+        section.attn_implementation,
+        load_in_4bit=quantized and section.load_in_4bit,
+        bnb_4bit_quant_type=section.bnb_4bit_quant_type,
+    )
     tokenizer = load_tokenizer(section.name)
     peft_model = PeftModel.from_pretrained(model, str(run_dir / "adapter"))
     return config, peft_model.eval(), tokenizer
@@ -84,66 +97,170 @@ def evaluate_run(
     max_new_tokens: int = 256,
     batch_size: int = 8,
     allow_code_execution: bool = False,
+    loss: bool = True,
 ) -> dict[str, Any]:
-    """Held-out loss and generation accuracy (or HumanEval pass@1), dense; writes eval.json.
+    """Held-out loss and generation accuracy (or HumanEval pass@1) of a run, dense.
 
-    HumanEval runs the code the model writes, so it needs ``allow_code_execution`` (or the
-    environment opt-in, see ``evaluate.require_code_execution``); without it a ValueError is
-    raised before the model is loaded.
+    ``data`` defaults to the run's ``data.eval``, ``task`` to its ``data.task``. Before the model
+    is loaded, clear errors for: an incomplete run folder, an unknown task, gold answers that do
+    not fit the task's rule (``evaluate.check_golds``), HumanEval without the code-execution
+    opt-in (``allow_code_execution`` or the environment, see
+    ``evaluate.require_code_execution``).
+
+    The held-out loss (``loss=False`` skips it) scores each example's response as the data
+    writes it, which in LLM-Adapters' evaluation files is a model-written answer, not a
+    reference; the result's ``heldout_loss_note`` says what was scored. Accuracy covers the
+    examples with a gold ``answer``.
+
+    Writes, never replacing an earlier evaluation's files:
+
+    - ``RUN/predictions/<task>-<data-file-stem>.jsonl`` (``-2``, ``-3``, ... when taken), one
+      row per scored example: ``index`` (0-based, in the data), ``prompt`` (as the model saw
+      it), ``generation``, ``extracted``, ``gold``, ``correct``;
+    - ``RUN/eval_history.jsonl``: this result appended as one line;
+
+    and ``RUN/eval.json``, the latest evaluation's result (replaced by the next one). The result
+    records the predictions file's path under ``predictions``.
     """
     from sparselora.recipes.evaluate import (
         accuracy,
         canonical_task,
-        heldout_loss,
+        check_golds,
         humaneval_pass_at_1,
         require_code_execution,
     )
 
-    # Clear errors (incomplete run folder, unknown task, no opt-in) before loading the model.
-    task = task or read_run_config(run_dir).data.task
-    if task.lower() == "humaneval":
+    # Clear errors (incomplete run folder, unknown task, golds of the wrong form, no opt-in)
+    # before loading the model.
+    config = read_run_config(run_dir)
+    task = task or config.data.task
+    humaneval = task.lower() == "humaneval"
+    if humaneval:
         require_code_execution(allow_code_execution)
+        task, source, records = "humaneval", "humaneval", []
     else:
-        canonical_task(task)
-    config, model, tokenizer = load_run(run_dir)  # checks the run folder before loading
-    result: dict[str, Any] = {"run": str(run_dir), "task": task}
-    if task.lower() == "humaneval":
-        result.update(
-            humaneval_pass_at_1(
-                model,
-                tokenizer,
-                limit=limit,
-                max_new_tokens=max_new_tokens,
-                batch_size=batch_size,
-                allow_code_execution=allow_code_execution,
-            )
-        )
-    else:
+        task = canonical_task(task)
         source = data or config.data.eval
         if not source:
             raise ValueError("no held-out data: pass --data or set data.eval in the run config")
         records = load_records(source)[:limit] if limit else load_records(source)
+        check_golds(task, [r["answer"] for r in records])
+    _, model, tokenizer = load_run(run_dir)
+    result: dict[str, Any] = {
+        "run": str(run_dir),
+        "task": task,
+        "data": source,
+        "limit": limit,
+        "evaluated_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    }
+    rows: list[dict[str, Any]] = []
+    if humaneval:
+        scores = humaneval_pass_at_1(
+            model,
+            tokenizer,
+            limit=limit,
+            max_new_tokens=max_new_tokens,
+            batch_size=batch_size,
+            allow_code_execution=allow_code_execution,
+        )
+        rows = [{"index": i, **row} for i, row in enumerate(scores.pop("predictions"))]
+        result.update(scores)
+    else:
+        data_section = config.data
+        if loss:
+            result.update(
+                _heldout_loss(model, tokenizer, records, data_section, source, batch_size)
+            )
+        scored = [i for i, r in enumerate(records) if r["answer"] is not None]
+        if scored:
+            # Token ids, cut as in training: no re-tokenisation drift between loss and accuracy.
+            prompt_ids = tokenize_prompts(
+                [records[i] for i in scored], tokenizer, data_section.template
+            )
+            prompts = [
+                {"prompt": ids[-data_section.prompt_max_length :], "answer": records[i]["answer"]}
+                for i, ids in zip(scored, prompt_ids, strict=True)
+            ]
+            scores = accuracy(model, tokenizer, prompts, task, max_new_tokens, batch_size)
+            rows = [
+                {"index": i, **row}
+                for i, row in zip(scored, scores.pop("predictions"), strict=True)
+            ]
+            result.update(scores)
+        else:
+            logger.warning("no example in %s has a gold answer: accuracy not computed", source)
+            result["accuracy_note"] = f"not computed: no example in {source} has an answer"
+    result["predictions"] = str(_write_predictions(run_dir, task, source, rows)) if rows else None
+    text = json.dumps(result, indent=2)
+    (run_dir / "eval.json").write_text(text + "\n")
+    with open(run_dir / EVAL_HISTORY, "a", encoding="utf-8") as history:
+        history.write(json.dumps(result) + "\n")
+    return result
+
+
+def _heldout_loss(model, tokenizer, records, data_section, source: str, batch_size: int) -> dict:
+    """``{"heldout_loss", "heldout_loss_note"}``; the loss is None (and the note says why) when
+    no example keeps a response token to score, which must not stop the accuracy."""
+    from sparselora.recipes.evaluate import heldout_loss
+
+    try:
         examples, _ = tokenize_records(
             records,
             tokenizer,
-            config.data.max_length,
-            config.data.prompt_max_length,
-            config.data.template,
+            data_section.max_length,
+            data_section.prompt_max_length,
+            data_section.template,
         )
-        collator = Collator(tokenizer.pad_token_id, config.data.padding_side)
-        batches = [
-            collator(examples[i : i + batch_size]) for i in range(0, len(examples), batch_size)
-        ]
-        result["heldout_loss"] = heldout_loss(model, batches)
-        prompts = [
-            {"prompt": e["prompt_ids"], "answer": e["answer"]}  # ids: no re-tokenisation drift
-            for e in examples
-            if e["answer"] is not None
-        ]
-        if prompts:
-            result.update(accuracy(model, tokenizer, prompts, task, max_new_tokens, batch_size))
-    (run_dir / "eval.json").write_text(json.dumps(result, indent=2))
-    return result
+    except ValueError as err:  # empty responses, or prompts that fill data.max_length
+        logger.warning("held-out loss not computed: %s", err)
+        return {"heldout_loss": None, "heldout_loss_note": f"not computed: {err}"}
+    collator = Collator(tokenizer.pad_token_id, data_section.padding_side)
+    batches = [collator(examples[i : i + batch_size]) for i in range(0, len(examples), batch_size)]
+    return {
+        "heldout_loss": heldout_loss(model, batches),
+        "heldout_loss_note": heldout_loss_note(source),
+    }
+
+
+def heldout_loss_note(source: str) -> str:
+    """What the held-out loss of ``evaluate_run`` on ``source`` scores, for eval.json."""
+    if source.lower().startswith("gsm8k"):
+        return (
+            "mean token cross-entropy of the reference worked solutions of the embedded GSM8K "
+            "held-out split"
+        )
+    return (
+        f"mean token cross-entropy of each example's response as written in {source} (the "
+        "'output' field of instruction/output rows, 'completion', or the last assistant "
+        "message). In LLM-Adapters' evaluation files (e.g. AQuA/test.json, boolq/test.json) "
+        "'output' is a model-written answer, not a reference: compare this loss only between "
+        "runs on the same file, and judge quality by the accuracy (--no-loss skips it)"
+    )
+
+
+def _write_predictions(run_dir: Path, task: str, source: str, rows: list[dict]) -> Path:
+    """Write ``rows`` as JSONL to a new file ``RUN/predictions/<task>-<data stem>[-N].jsonl``.
+
+    The file is created exclusively (never overwriting one, even from a concurrent
+    evaluation); N counts up from 2 while the name is taken."""
+    folder = run_dir / PREDICTIONS_DIR
+    folder.mkdir(exist_ok=True)
+    if task == "humaneval":
+        base = task
+    else:
+        name = source if source.lower().startswith("gsm8k") else Path(source).stem
+        base = re.sub(r"[^A-Za-z0-9._-]+", "-", f"{task}-{name}")
+    path, n = folder / f"{base}.jsonl", 1
+    while True:
+        try:
+            with open(path, "x", encoding="utf-8") as file:
+                file.writelines(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
+        except FileExistsError:
+            n += 1
+            path = folder / f"{base}-{n}.jsonl"
+            continue
+        logger.info("predictions written to %s", path)
+        return path
 
 
 def export_merged(
@@ -160,7 +277,7 @@ def export_merged(
     on failure the temporary folder is removed and a previous export is left as it was.
     """
     output = _export_target(run_dir, output, overwrite)
-    config, model, tokenizer = load_run(run_dir)
+    config, model, tokenizer = load_run(run_dir, quantized=False)  # merge into float
     sample = tokenizer("Natalia sold clips to 48 of her friends in April.", return_tensors="pt")
     with torch.no_grad():
         expected = model(**sample).logits.float()

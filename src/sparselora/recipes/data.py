@@ -202,7 +202,7 @@ def tokenize_records(
     skipped_at: list[int] = []
     for start in range(0, len(records), TOKENIZE_CHUNK):
         chunk = records[start : start + TOKENIZE_CHUNK]
-        prompt_ids = _tokenize_prompts(chunk, tokenizer, template)
+        prompt_ids = tokenize_prompts(chunk, tokenizer, template)
         response_ids = tokenizer([r["response"] for r in chunk], add_special_tokens=False).input_ids
         for offset, (prompt, response) in enumerate(zip(prompt_ids, response_ids, strict=True)):
             if len(prompt) > prompt_max_length:
@@ -259,7 +259,7 @@ def tokenize_records(
     return examples, stats
 
 
-def _tokenize_prompts(
+def tokenize_prompts(
     records: Sequence[Record], tokenizer: PreTrainedTokenizerBase, template: str
 ) -> list[list[int]]:
     """Prompt ids per record; chat-rendered text gets no extra special tokens (no double BOS)."""

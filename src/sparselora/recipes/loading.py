@@ -11,6 +11,13 @@ A name that can only be a path (absolute, starting with `.` or `~`, with a backs
 trailing `/` or more than one `/`) must exist: it is never sent to the hub. Loaded weights are
 checked before use: a truncated safetensors file, a NaN or inf, or a weight beyond
 `MAX_ABS_WEIGHT` (a flipped exponent bit) is a `ModelError` naming the file or the weight.
+
+QLoRA (`load_in_4bit`): the projections of the decoder layers load as bitsandbytes 4-bit
+(`bnb_4bit_quant_type` nf4 or fp4, double-quantized block scales, compute in the resolved dtype)
+on the resolved device; the LM head and embeddings stay float. Then
+`peft.prepare_model_for_kbit_training` freezes every weight and casts the remaining bf16/fp16
+ones (norms, embeddings, LM head) to float32, as QLoRA does; its gradient checkpointing is not
+used (model.gradient_checkpointing decides that, as for a float model).
 """
 
 from __future__ import annotations
@@ -21,10 +28,16 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import torch
-from peft import LoraConfig, get_peft_model
+from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
 from safetensors import SafetensorError, safe_open
 from torch import nn
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, LlamaConfig
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    BitsAndBytesConfig,
+    LlamaConfig,
+)
 
 from sparselora.engine.shapes import ModelShape, load_shape
 from sparselora.recipes.assets import gemma3_270m_path, smollm2_path
@@ -39,6 +52,7 @@ DTYPES = ("auto", "float32", "bfloat16", "float16")
 DEVICES = ("auto", "cpu", "cuda")
 METHODS = ("lora", "sparselora")
 ATTN_IMPLEMENTATIONS = ("sdpa", "eager")
+QUANT_TYPES_4BIT = ("nf4", "fp4")
 # No trained weight comes near this (the largest in the embedded models is 1656, a Gemma-3 norm
 # weight); a flip of the top exponent bit of a float32 or bfloat16 weight multiplies it by 2**128.
 MAX_ABS_WEIGHT = 1e10
@@ -87,8 +101,13 @@ def load_model(
     device: str | torch.device | None = None,
     random_weights: bool = False,
     seed: int = 0,
+    load_in_4bit: bool = False,
+    bnb_4bit_quant_type: str = "nf4",
 ) -> nn.Module:
     """The causal LM `name` in `dtype` (see `resolve_dtype`), on `device` if given.
+
+    load_in_4bit: QLoRA, see the module docstring; loaded on `device` (default: 'auto'), as
+    bitsandbytes quantizes on the device. Not with `random_weights`.
 
     random_weights: build the model from its config (or a paper alias's shape) with weights
     drawn from `seed`, initialised directly on `device` (an 8B model is not built on the CPU).
@@ -101,6 +120,20 @@ def load_model(
     """
     device = resolve_device(device) if isinstance(device, str) else device
     torch_dtype = resolve_dtype(dtype, device)
+    quantization = {}
+    if load_in_4bit:
+        if random_weights:
+            raise ModelError("load_in_4bit needs a checkpoint: it cannot use random_weights")
+        device = device or resolve_device("auto")
+        quantization = dict(
+            quantization_config=BitsAndBytesConfig(
+                load_in_4bit=True,
+                bnb_4bit_quant_type=bnb_4bit_quant_type,
+                bnb_4bit_compute_dtype=torch_dtype,
+                bnb_4bit_use_double_quant=True,
+            ),
+            device_map={"": device},
+        )
     if random_weights:
         if name in EMBEDDED_MODELS or _looks_local(name) or Path(name).is_dir():
             model_config = AutoConfig.from_pretrained(_local_path(name))
@@ -118,7 +151,7 @@ def load_model(
 
         def build(attention: str) -> nn.Module:
             return AutoModelForCausalLM.from_pretrained(
-                _local_path(name), dtype=torch_dtype, attn_implementation=attention
+                _local_path(name), dtype=torch_dtype, attn_implementation=attention, **quantization
             )
 
     try:
@@ -135,6 +168,8 @@ def load_model(
         raise ModelError(f"cannot load model {name}: {' '.join(str(err).split())}") from err
     if not random_weights:
         _check_weights(model, name)
+    if load_in_4bit:
+        return prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
     return model if device is None else model.to(device)
 
 

@@ -29,7 +29,13 @@ from sparselora.config import (
     yaml_problem,
 )
 from sparselora.recipes.data import TEMPLATES
-from sparselora.recipes.loading import ATTN_IMPLEMENTATIONS, DTYPES, EMBEDDED_MODEL, METHODS
+from sparselora.recipes.loading import (
+    ATTN_IMPLEMENTATIONS,
+    DTYPES,
+    EMBEDDED_MODEL,
+    METHODS,
+    QUANT_TYPES_4BIT,
+)
 
 PADDING_SIDES = ("right", "left")
 SCHEDULERS = ("cosine", "linear", "constant", "constant_with_warmup")
@@ -52,6 +58,18 @@ class ModelSection:
     )
     attn_implementation: str = field(default="sdpa", metadata=doc("'sdpa' or 'eager'."))
     gradient_checkpointing: bool = field(default=False, metadata=doc("Recompute activations."))
+    load_in_4bit: bool = field(
+        default=False,
+        metadata=doc(
+            "QLoRA: load the decoder projections in bitsandbytes 4-bit (double-quantized scales, "
+            "compute in model.dtype) and cast the other weights to float32 "
+            "(peft.prepare_model_for_kbit_training, without its gradient checkpointing); "
+            "SparseLoRA slices the dequantized weights. Needs the bitsandbytes package."
+        ),
+    )
+    bnb_4bit_quant_type: str = field(
+        default="nf4", metadata=doc("4-bit data type with load_in_4bit: 'nf4' or 'fp4'.")
+    )
 
 
 @dataclass
@@ -77,21 +95,35 @@ class DataSection:
         ),
     )
     eval: str | None = field(
-        default="gsm8k:eval", metadata=doc("Held-out data in the same formats, or null.")
+        default="gsm8k:eval",
+        metadata=doc(
+            "Held-out data in the same formats, or null: the held-out loss during training and "
+            "the default data of `sparselora eval`. It does not follow data.train: training on "
+            "your own file, set it (and data.task) too."
+        ),
     )
     task: str = field(
         default="gsm8k",
-        metadata=doc("Answer-extraction rule for accuracy (gsm8k, boolq, piqa, ..., humaneval)."),
+        metadata=doc(
+            "Answer rule of `sparselora eval` accuracy: gsm8k, svamp, mawps, AddSub, "
+            "MultiArith, SingleEq (last number); aqua (first capital letter A-E); boolq, piqa, "
+            "siqa, hellaswag, winogrande, arc-e, arc-c, obqa (first option name); humaneval. "
+            "Every held-out 'answer' must fit it."
+        ),
     )
     max_length: int = field(default=512, metadata=doc("Tokens per example after truncation."))
     prompt_max_length: int = field(default=256, metadata=doc("Prompt tokens kept at most."))
     template: str = field(default="auto", metadata=doc("Prompt format: auto, alpaca, chat or raw."))
     padding_side: str = field(default="right", metadata=doc("'right' or 'left'."))
     max_train_examples: int | None = field(
-        default=None, metadata=doc("Use only the first N training examples.")
+        default=None, metadata=doc("Train on the first N examples of data.train (null: all).")
     )
     max_eval_examples: int | None = field(
-        default=None, metadata=doc("Use only the first N held-out examples.")
+        default=None,
+        metadata=doc(
+            "Held-out loss during training on the first N examples of data.eval (null: all); "
+            "`sparselora eval` takes --limit N instead."
+        ),
     )
 
 
@@ -146,6 +178,7 @@ class RunConfig:
 
     def __post_init__(self) -> None:
         check_choice("model.dtype", self.model.dtype, DTYPES)
+        check_choice("model.bnb_4bit_quant_type", self.model.bnb_4bit_quant_type, QUANT_TYPES_4BIT)
         check_choice(
             "model.attn_implementation", self.model.attn_implementation, ATTN_IMPLEMENTATIONS
         )
@@ -193,6 +226,20 @@ class RunConfig:
 
     def sparse_config(self) -> SparseLoRAConfig:
         return SparseLoRAConfig.from_dict(self.sparselora)
+
+    def default_eval_warning(self) -> str | None:
+        """What evaluation will use, when data.train is the user's data but data.eval is still
+        the embedded GSM8K default (which does not follow data.train); else None."""
+        data = self.data
+        if data.train.lower().startswith("gsm8k") or data.eval != DataSection.eval:
+            return None
+        return (
+            f"data.train is {data.train}, but data.eval is the default {data.eval}: the held-out "
+            "loss during training and `sparselora eval` will use the embedded GSM8K held-out "
+            f"problems, with answer rule data.task={data.task}. To evaluate on your task, set "
+            "data.eval=YOUR_HELD_OUT_FILE and data.task=TASK (e.g. svamp, aqua, boolq, arc-c); "
+            "data.eval=null turns the held-out loss off"
+        )
 
     # -- files ---------------------------------------------------------------------------
 

@@ -15,9 +15,9 @@ What a re-run into RUN_DIR does (`RunFolder.plan`):
 - `training.max_steps` (or `training.epochs`) grew: the run continues from its newest complete
   checkpoint to the new total. The learning-rate and SparseLoRA step schedules are recomputed
   for the new total, so the result differs from a run trained to that total from the start. A
-  finished run's result (adapter/, summary.json, loss.png, eval.json, merged/,
-  trainer_state.json, with a copy of its run.yaml) is first moved to RUN_DIR/finished-step-N/,
-  itself a run folder `sparselora eval` reads. A smaller total is refused (RunFolderError).
+  finished run's result (adapter/, summary.json, loss.png, eval.json, eval_history.jsonl,
+  predictions/, merged/, trainer_state.json, with a copy of its run.yaml) is first moved to
+  RUN_DIR/finished-step-N/, itself a run folder `sparselora eval` reads. A smaller total is refused (RunFolderError).
 - Otherwise, with `training.resume=true`, it resumes from the newest complete checkpoint that
   passes its check (`checkpoint_problem`); each newer one that fails is logged (WARNING, with
   why) and moved aside to checkpoint-N.corrupt. With `training.resume=false` it is refused: a
@@ -63,9 +63,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
-
-from sparselora.config import ConfigError
+from sparselora.config import ConfigError, dump_yaml
 from sparselora.recipes.run_config import RunConfig, TrainingSection
 from sparselora.version import __version__
 
@@ -91,7 +89,8 @@ RESULT_FREE_KEYS = frozenset(
 )
 LENGTH_KEYS = ("training.max_steps", "training.epochs")
 # What a finished run wrote beside its checkpoints; kept together when the run is continued.
-FINAL_OUTPUTS = ("adapter", "summary.json", "loss.png", "eval.json", "merged", "trainer_state.json")
+FINAL_OUTPUTS = ("adapter", "summary.json", "loss.png", "eval.json", "eval_history.jsonl",
+                 "predictions", "merged", "trainer_state.json")  # fmt: skip
 _CHECKPOINT = re.compile(r"checkpoint-(\d+)")
 
 
@@ -156,7 +155,7 @@ def write_run_config(path: Path, config: RunConfig) -> None:
     data = config.to_dict()
     data["sparselora"] = config.sparse_config().to_dict()
     resolved = RunConfig.from_dict(data)  # the same run, checked once more
-    atomic_write(path, yaml.safe_dump(resolved.to_dict(), sort_keys=False))
+    atomic_write(path, dump_yaml(resolved.to_dict()))
 
 
 # -- the folder as a whole ----------------------------------------------------------------------

@@ -237,6 +237,9 @@ def train(
     run_dir = Path(training.output_dir)
     folder = RunFolder(run_dir)
     folder.check(config, overwrite)  # a different run is refused before anything loads
+    warning = config.default_eval_warning()
+    if warning:
+        logger.warning(warning)
 
     section = config.model
     tokenizer = load_tokenizer(section.name)
@@ -261,7 +264,13 @@ def train(
         return summary
 
     hf_set_seed(training.seed)
-    model = load_model(section.name, section.dtype, section.attn_implementation)
+    model = load_model(
+        section.name,
+        section.dtype,
+        section.attn_implementation,
+        load_in_4bit=section.load_in_4bit,
+        bnb_4bit_quant_type=section.bnb_4bit_quant_type,
+    )
     if config.model.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     lora = config.lora
