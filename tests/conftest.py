@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 from peft import LoraConfig, get_peft_model
@@ -10,6 +12,8 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from sparselora import SparseLoRAConfig
 from sparselora.recipes.loading import load_tokenizer
+from sparselora.recipes.run_config import RunConfig
+from sparselora.recipes.train import train
 
 torch.set_num_threads(2)
 
@@ -131,3 +135,22 @@ def save_tiny_llama(path, layers: int, hidden: int) -> None:
     )  # fmt: skip
     LlamaForCausalLM(config).save_pretrained(path)
     tokenizer.save_pretrained(path)
+
+
+def train_tiny_run(root, layers: int, hidden: int, *overrides: str):
+    """A finished run folder root/run: a tiny local LLaMA (`save_tiny_llama`) trained 2 steps on
+    eight LLM-Adapters-style math rows (root/math.json), SparseLoRA FFN 0.5; `overrides` are
+    further run-config `section.key=value` items. Returns the run folder."""
+    save_tiny_llama(root / "tiny", layers=layers, hidden=hidden)
+    rows = [
+        {"instruction": f"What is {a} plus 1?", "input": "", "output": f"{a + 1}", "answer": str(a + 1)}
+        for a in range(8)
+    ]  # fmt: skip
+    (root / "math.json").write_text(json.dumps(rows))
+    train(RunConfig.load(None, [
+        f"model.name={root / 'tiny'}", f"data.train={root / 'math.json'}", "data.max_length=64",
+        f"training.output_dir={root / 'run'}", "training.batch_size=4", "training.max_steps=2",
+        "logging.tensorboard=false", "sparselora.preset=null", "sparselora.ffn_sparsity=0.5",
+        "sparselora.calibration_tokens=1", *overrides,
+    ]))  # fmt: skip
+    return root / "run"

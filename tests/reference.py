@@ -112,3 +112,15 @@ def loss_and_grads(peft_model, batch):
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
+
+
+def assert_close(result, expected, tol: float) -> None:
+    """(loss, logits, grads) of `loss_and_grads` against a reference's, each within relative L2
+    `tol`; the same gradients must be present on both sides."""
+    loss, logits, grads = result
+    ref_loss, ref_logits, ref_grads = expected
+    assert rel_err(loss, ref_loss) < tol
+    assert rel_err(logits, ref_logits) < tol
+    assert grads.keys() == ref_grads.keys()
+    for name, grad in grads.items():
+        assert rel_err(grad, ref_grads[name]) < tol, name

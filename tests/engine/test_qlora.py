@@ -22,7 +22,7 @@ import warnings
 import pytest
 import torch
 from conftest import ATTN, MLP, lora_model, make_batch, sparse_config, tiny_llama
-from reference import install_masks, loss_and_grads, rel_err
+from reference import assert_close, install_masks, loss_and_grads, rel_err
 
 from sparselora import apply_sparselora
 from sparselora.engine import ops, quant
@@ -83,16 +83,6 @@ def sparse_tokens_of(batch) -> torch.Tensor:
     sparse = torch.ones_like(labelled)
     sparse[:, :-1] = ~labelled[:, 1:]
     return sparse
-
-
-def assert_close(result, expected, tol):
-    loss, logits, grads = result
-    ref_loss, ref_logits, ref_grads = expected
-    assert rel_err(loss, ref_loss) < tol
-    assert rel_err(logits, ref_logits) < tol
-    assert grads.keys() == ref_grads.keys()
-    for name, grad in grads.items():
-        assert rel_err(grad, ref_grads[name]) < tol, name
 
 
 @pytest.mark.parametrize("in_features", [128, 96])  # two whole blocks a row; 1.5 (fallback)

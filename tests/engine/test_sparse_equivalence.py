@@ -9,7 +9,7 @@ from __future__ import annotations
 import pytest
 import torch
 from conftest import ATTN, MLP, lora_model, make_batch, sparse_config, tiny_llama
-from reference import install_masks, loss_and_grads, rel_err
+from reference import assert_close, install_masks, loss_and_grads, rel_err
 
 from sparselora import SparseLoRAConfig, apply_sparselora
 
@@ -19,16 +19,6 @@ SPARSE = 1e-5
 
 def config(**overrides) -> SparseLoRAConfig:
     return sparse_config(channels_only=True, **overrides)
-
-
-def assert_close(result, expected, tol):
-    loss, logits, grads = result
-    ref_loss, ref_logits, ref_grads = expected
-    assert rel_err(loss, ref_loss) < tol
-    assert rel_err(logits, ref_logits) < tol
-    assert grads.keys() == ref_grads.keys()
-    for name, grad in grads.items():
-        assert rel_err(grad, ref_grads[name]) < tol, name
 
 
 @pytest.mark.parametrize("targets", [ATTN, ATTN + MLP])

@@ -15,8 +15,7 @@ from sparselora.recipes import commands, evaluate
 from sparselora.recipes.commands import evaluate_run
 from sparselora.recipes.evaluate import is_correct
 from sparselora.recipes.run_config import RunConfig
-from sparselora.recipes.train import train
-from tests.conftest import save_tiny_llama
+from tests.conftest import train_tiny_run
 
 # Slices of LLM-Adapters' evaluation files (dataset/<name>/test.json), written by the tests: the
 # instruction as LLM-Adapters writes it, its 'output' (a model-written answer) and the gold
@@ -81,28 +80,7 @@ def write_llm_adapters_file(path: Path, task: str) -> Path:
 def trained_run(tmp_path_factory) -> Path:
     """A finished run folder (2 steps) of a tiny local LLaMA on an LLM-Adapters math file."""
     root = tmp_path_factory.mktemp("trained")
-    save_tiny_llama(root / "tiny", layers=1, hidden=16)
-    rows = [
-        {"instruction": f"What is {a} plus 1?", "input": "", "output": f"{a + 1}", "answer": str(a + 1)}
-        for a in range(8)
-    ]  # fmt: skip
-    (root / "math.json").write_text(json.dumps(rows))
-    overrides = [
-        f"model.name={root / 'tiny'}",
-        f"data.train={root / 'math.json'}",
-        "data.eval=null",
-        "data.max_length=64",
-        f"training.output_dir={root / 'run'}",
-        "training.batch_size=4",
-        "training.max_steps=2",
-        "training.save_steps=0",
-        "logging.tensorboard=false",
-        "sparselora.preset=null",
-        "sparselora.ffn_sparsity=0.5",
-        "sparselora.calibration_tokens=1",
-    ]
-    train(RunConfig.load(None, overrides))
-    return root / "run"
+    return train_tiny_run(root, 1, 16, "data.eval=null", "training.save_steps=0")
 
 
 @pytest.fixture

@@ -15,36 +15,15 @@ from transformers import AutoModelForCausalLM, PreTrainedModel
 from sparselora.recipes import commands
 from sparselora.recipes.commands import EXPORT_MARKER, export_merged
 from sparselora.recipes.run_config import RunConfig
-from sparselora.recipes.train import train
 from sparselora.version import __version__
-from tests.conftest import save_tiny_llama
+from tests.conftest import train_tiny_run
 
 
 @pytest.fixture(scope="module")
 def trained_run(tmp_path_factory) -> Path:
     """A finished run folder (2 steps, a checkpoint per step) on a tiny local LLaMA."""
     root = tmp_path_factory.mktemp("trained")
-    save_tiny_llama(root / "tiny", layers=2, hidden=32)
-    rows = [
-        {"instruction": f"What is {a} plus 1?", "input": "", "output": f"{a + 1}", "answer": str(a + 1)}
-        for a in range(8)
-    ]  # fmt: skip
-    (root / "math.json").write_text(json.dumps(rows))
-    overrides = [
-        f"model.name={root / 'tiny'}",
-        f"data.train={root / 'math.json'}",
-        "data.max_length=64",
-        f"training.output_dir={root / 'run'}",
-        "training.batch_size=4",
-        "training.max_steps=2",
-        "training.save_steps=1",
-        "logging.tensorboard=false",
-        "sparselora.preset=null",
-        "sparselora.ffn_sparsity=0.5",
-        "sparselora.calibration_tokens=1",
-    ]
-    train(RunConfig.load(None, overrides))
-    return root / "run"
+    return train_tiny_run(root, 2, 32, "training.save_steps=1")
 
 
 @pytest.fixture
