@@ -318,10 +318,11 @@ def train(
         )
         trainer.restore_totals(totals)
     peak_from_training = reset_peak_memory()
-    if resume is not None and _global_step(resume) >= plan.total_steps:
+    saved = TrainerState.load_from_json(str(resume / "trainer_state.json")) if resume else None
+    if saved is not None and saved.global_step >= plan.total_steps:
         # Killed after its last checkpoint: restore it (the Trainer would take one more step).
         set_peft_model_state_dict(model, load_peft_weights(str(resume)))
-        trainer.state = TrainerState.load_from_json(str(resume / "trainer_state.json"))
+        trainer.state = saved
         train_seconds = totals.train_seconds
     else:
         try:
@@ -347,6 +348,7 @@ def train(
 
     tokens = sum(len(e["input_ids"]) for e in train_examples)
     step_times = recorder.step_times
+    final = trainer.totals()  # resumes included
     summary = {
         "method": training.method,
         "model": config.model.name,
@@ -363,9 +365,9 @@ def train(
             for r in trainer.state.log_history
             if "loss" in r
         ],
-        "train_flops": trainer.train_flops,
-        "flops_saved": handle.stats.flops_saved if handle is not None else 0.0,
-        "dense_steps": handle.stats.dense_steps if handle is not None else 0,
+        "train_flops": final.train_flops,
+        "flops_saved": final.flops_saved,
+        "dense_steps": final.dense_steps,
         "resumed_from": str(resume) if resume else None,
         "version": __version__,
     }
@@ -436,10 +438,6 @@ def save_adapter(run_dir: Path, model, tokenizer, handle: SparseLoRA | None, mai
     if final.exists():
         shutil.rmtree(final)
     os.rename(tmp, final)
-
-
-def _global_step(checkpoint: Path) -> int:
-    return json.loads((checkpoint / "trainer_state.json").read_text())["global_step"]
 
 
 def _wait_for_everyone(args: TrainingArguments) -> None:
