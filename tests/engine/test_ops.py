@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from sparselora.engine.ops import cols_linear, rows_linear
+from sparselora.engine.ops import cols_linear, rows_linear, stacked_rows_linear
 
 
 def reference(x, weight, bias, index, dim):
@@ -46,6 +46,38 @@ def test_no_row_slice_of_the_weight_is_saved_for_backward():
     with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
         cols_linear(torch.randn(5, 32, requires_grad=True), weight.T, None, index)
     assert [tuple(t.shape) for t in saved] == [(32, 32)]  # the column slice, gathered once
+
+
+@pytest.mark.parametrize("biases", [(False, False), (True, False), (True, True)])
+def test_stacked_rows_equal_one_rows_linear_per_weight(biases):
+    """gate and up in one GEMM: each part's columns and the input gradient equal the separate
+    sliced linears, with different kept rows per weight and biases on none, one or both."""
+    torch.manual_seed(3)
+    weights = [torch.randn(24, 10), torch.randn(18, 10)]
+    bs = [torch.randn(w.shape[0]) if b else None for w, b in zip(weights, biases, strict=True)]
+    rows = [torch.tensor([0, 5, 7, 23]), torch.tensor([1, 2, 17])]
+    x = torch.randn(6, 10, requires_grad=True)
+    y = stacked_rows_linear(x, tuple(zip(weights, bs, rows, strict=True)))
+    grad = torch.randn_like(y)
+    (gx,) = torch.autograd.grad(y, x, grad)
+    x_ref = x.detach().clone().requires_grad_(True)
+    parts = [reference(x_ref, w, b, r, 0) for w, b, r in zip(weights, bs, rows, strict=True)]
+    y_ref = torch.cat(parts, dim=1)
+    (gx_ref,) = torch.autograd.grad(y_ref, x_ref, grad)
+    assert y.shape == (6, 7)
+    torch.testing.assert_close(y, y_ref)
+    torch.testing.assert_close(gx, gx_ref)
+
+
+def test_stacked_rows_save_the_weights_not_a_copy():
+    weights = [torch.randn(64, 32), torch.randn(64, 32)]
+    index = torch.arange(0, 64, 2)
+    x = torch.randn(5, 32, requires_grad=True)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        stacked_rows_linear(x, tuple((w, None, index) for w in weights))
+    matrices = [t for t in saved if t.dim() == 2]
+    assert sorted(t.data_ptr() for t in matrices) == sorted(w.data_ptr() for w in weights)
 
 
 def test_interleaved_forwards_reuse_scratch_safely():

@@ -36,6 +36,7 @@ from sparselora.engine.models.base import BlockModules, Rows
 from sparselora.engine.peft_compat import (
     active_lora_adapters,
     base_linear,
+    dora_adapter,
     is_merged,
     plus_adapters,
 )
@@ -174,6 +175,9 @@ class SparseBlock:
         if split.all_sparse:
             channels = self._kept(batch, x, name)
             return sparse_fn(module, flat, channels).view(*x.shape[:-1], -1)
+        if not split.skip_rows.numel() and dora_adapter(module) is None:
+            y = self._mixed_projection(module, name, flat, split, batch, x)
+            return y.view(*x.shape[:-1], -1)
         y_sparse = flat.new_zeros(0, base_linear(module).out_features)
         if split.sparse_rows.numel():
             channels = self._kept(batch, x, name)
@@ -241,9 +245,19 @@ class SparseBlock:
         LoRA on those channels only; with `dense_lora`, (n, I) each, zeros at the frozen
         weight's other channels plus the LoRA delta on all of them. A fused gate_up runs once."""
         gate, up = self.gate, self.up
-        if gate.module is not up.module:
-            g = _rows_output(gate.module, xs, gate.rows_of(keep), dense_lora)
-            u = _rows_output(up.module, xs, up.rows_of(keep), dense_lora)
+        if gate.module is not up.module:  # one gather and one GEMM for both frozen weights
+            gate_rows, up_rows = gate.rows_of(keep), up.rows_of(keep)
+            gate_base, up_base = base_linear(gate.module), base_linear(up.module)
+            both = ops.stacked_rows_linear(
+                xs,
+                (
+                    (frozen_weight(gate_base), gate_base.bias, gate_rows),
+                    (frozen_weight(up_base), up_base.bias, up_rows),
+                ),
+            )  # (n, 2k)
+            g, u = both.split(keep.numel(), dim=1)
+            g = plus_adapters(gate.module, g, xs, rows=gate_rows, full_width=dense_lora)
+            u = plus_adapters(up.module, u, xs, rows=up_rows, full_width=dense_lora)
             return (gate.take(g, 1), up.take(u, 1)) if dense_lora else (g, u)
         rows = torch.cat([gate.rows_of(keep), up.rows_of(keep)])
         both = _rows_output(gate.module, xs, rows, dense_lora)  # (n, 2k), or (n, out) fused
@@ -258,6 +272,35 @@ class SparseBlock:
         base_in = xs.detach() if self.config.detach_sparse_base else xs
         y = ops.rows_linear(base_in, frozen_weight(base), base.bias, rows)  # (n, k)
         return plus_adapters(module, y, xs, rows=rows, full_width=True)  # (n, out)
+
+    def _mixed_projection(
+        self,
+        module: torch.nn.Module,
+        name: str,
+        flat: torch.Tensor,
+        split: TokenSplit,
+        batch: BatchState,
+        x: torch.Tensor,
+    ) -> torch.Tensor:
+        """flat (B*L, in) -> (B*L, out) for a micro-batch with both sparse and dense tokens: the
+        frozen weight per token set (kept channels for the sparse set, whole for the dense set),
+        merged, then the LoRA branch ONCE over all tokens (one pair of GEMMs instead of one per
+        set; plain LoRA only, whose delta does not depend on the frozen output)."""
+        base = base_linear(module)
+        base_in = flat.detach() if self.config.detach_sparse_base else flat
+        y_sparse = flat.new_zeros(0, base.out_features)
+        if split.sparse_rows.numel():
+            channels = self._kept(batch, x, name)
+            xs = base_in.index_select(0, split.sparse_rows)
+            weight = frozen_weight(base)
+            if name == "o_proj":
+                xs = xs.index_select(1, channels)
+                y_sparse = ops.cols_linear(xs, weight, base.bias, channels)  # (n_s, out)
+            else:
+                y_kept = ops.rows_linear(xs, weight, base.bias, channels)  # (n_s, k)
+                y_sparse = ops.scatter_channels(y_kept, channels, base.out_features)
+        y_dense = base(flat.index_select(0, split.dense_rows))  # (n_d, out)
+        return plus_adapters(module, split.merge(y_sparse, y_dense), flat)
 
     def _sparse_o(self, module, xs: torch.Tensor, columns: torch.Tensor) -> torch.Tensor:
         """xs: (n, nh*hd) -> (n, H): kept input columns of the frozen weight, dense LoRA."""

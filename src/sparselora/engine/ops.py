@@ -25,79 +25,113 @@ from sparselora.engine.quant import Weight4bit
 _SCRATCH: dict[tuple, torch.Tensor] = {}  # (device, dtype, thread) -> flat buffer
 
 
-def gather_weight(weight: torch.Tensor, dim: int, index: torch.Tensor) -> torch.Tensor:
-    """weight.index_select(dim, index) written into a reused scratch buffer.
+def gather_rows(parts: tuple, dtype: torch.dtype) -> torch.Tensor:
+    """The kept rows of one or more weights, stacked: (k_1 + k_2 + ..., in) in `dtype`.
 
-    The result is only valid until the next call on the same thread, device and dtype: use it
-    at once (as an operand), never keep it.
+    parts: ((weight, rows), ...), each weight (out_i, in) or a `Weight4bit`, rows (k_i,). Float
+    rows are written into a reused per-thread scratch buffer: the result is only valid until the
+    next call on the same thread, device and dtype, so use it at once (as an operand), never keep
+    it. A 4-bit weight's rows are dequantized (a fresh tensor).
     """
-    shape = (index.numel(), weight.shape[1]) if dim == 0 else (weight.shape[0], index.numel())
-    size = shape[0] * shape[1]
-    key = (weight.device, weight.dtype, threading.get_ident())
+    if len(parts) == 1 and isinstance(parts[0][0], Weight4bit):
+        weight, rows = parts[0]
+        return weight.kept(0, rows, dtype)
+    first = parts[0][0]
+    width = first.shape[1]
+    total = sum(rows.numel() for _, rows in parts)
+    key = (parts[0][1].device, dtype, threading.get_ident())
     buffer = _SCRATCH.get(key)
-    if buffer is None or buffer.numel() < size:
-        buffer = weight.new_empty(size)
+    if buffer is None or buffer.numel() < total * width:
+        buffer = torch.empty(total * width, dtype=dtype, device=key[0])
         _SCRATCH[key] = buffer
-    return torch.index_select(weight, dim, index, out=buffer[:size].view(shape))
+    out = buffer[: total * width].view(total, width)
+    start = 0
+    for weight, rows in parts:
+        segment = out.narrow(0, start, rows.numel())
+        if isinstance(weight, Weight4bit):
+            segment.copy_(weight.kept(0, rows, dtype))
+        else:
+            torch.index_select(weight, 0, rows, out=segment)
+        start += rows.numel()
+    return out
 
 
-def _kept(weight: torch.Tensor | Weight4bit, dim: int, index: torch.Tensor, dtype, scratch: bool):
-    """weight.index_select(dim, index) as `dtype`: in scratch (`gather_weight`) if `scratch`,
-    dequantized if the weight is 4-bit."""
+def _kept_cols(weight: torch.Tensor | Weight4bit, cols: torch.Tensor, dtype) -> torch.Tensor:
+    """weight.index_select(1, cols) as `dtype` (a fresh tensor; dequantized if 4-bit)."""
     if isinstance(weight, Weight4bit):
-        return weight.kept(dim, index, dtype)
-    return gather_weight(weight, dim, index) if scratch else weight.index_select(dim, index)
+        return weight.kept(1, cols, dtype)
+    return weight.index_select(1, cols)
 
 
 class SlicedLinear(torch.autograd.Function):
-    """y = x W_s^T + b_s with W_s = W.index_select(dim, index); gradient for x only.
+    """y = x W_s^T + b_s for a slice W_s of frozen weights; gradient for x only.
 
-    Kept rows (dim 0) are contiguous: gathering them again in backward costs a memcpy, so only
-    the indices are saved and the (k, in) slice lives in scratch. Kept columns (dim 1) are a
-    strided gather that reads nearly every cache line of W at moderate sparsity: that slice is
-    gathered once and saved, as plain autograd would.
+    dim 0: W_s stacks the kept rows of one or more weights (`parts`: ((weight, rows), ...)), so
+    several projections of the same input (gate and up) run as one GEMM. Kept rows are
+    contiguous: gathering them again in backward costs a memcpy, so nothing but the (k,) row
+    indices is kept and the slice lives in scratch. dim 1: W_s is the kept columns of one
+    weight, a strided gather that reads nearly every cache line of W at moderate sparsity: that
+    slice is gathered once and saved, as plain autograd would.
     """
 
     @staticmethod
-    def forward(ctx, x, weight, bias, index, dim):
+    def forward(ctx, x, bias, dim, parts):
         ctx.dim, ctx.x_dtype = dim, x.dtype
         if dim == 0:
-            ctx.reader = weight if isinstance(weight, Weight4bit) else None  # not a tensor
-            saved = (index,) if ctx.reader else (weight, index)
+            # Saved: each float weight (the Parameter itself, no copy) and its (k,) rows; a
+            # 4-bit reader is no tensor: it stays on ctx and only its rows are saved.
+            ctx.readers = [w if isinstance(w, Weight4bit) else None for w, _ in parts]
+            saved = [
+                t
+                for w, rows in parts
+                for t in ((rows,) if isinstance(w, Weight4bit) else (w, rows))
+            ]
             ctx.save_for_backward(*saved)
-            kept = _kept(weight, dim, index, x.dtype, scratch=True)
+            kept = gather_rows(parts, x.dtype)
         else:
-            kept = _kept(weight, dim, index, x.dtype, scratch=False)
+            ((weight, cols),) = parts
+            kept = _kept_cols(weight, cols, x.dtype)
             ctx.save_for_backward(kept)
         return F.linear(x, kept, bias)
 
     @staticmethod
     def backward(ctx, grad):
         if ctx.dim == 0:
-            *weight, index = ctx.saved_tensors
-            kept = _kept(ctx.reader or weight[0], 0, index, ctx.x_dtype, scratch=True)
+            saved, parts = list(ctx.saved_tensors), []
+            for reader in ctx.readers:
+                weight = reader if reader is not None else saved.pop(0)
+                parts.append((weight, saved.pop(0)))
+            kept = gather_rows(tuple(parts), ctx.x_dtype)
         else:
             (kept,) = ctx.saved_tensors
         grad_x = grad.matmul(kept.to(grad.dtype)).to(ctx.x_dtype)  # autocast: bf16 grads
-        return grad_x, None, None, None, None
+        return grad_x, None, None, None
 
 
-def _sliced(x, weight, bias, index, dim) -> torch.Tensor:
-    if isinstance(weight, Weight4bit):  # as Linear4bit.forward: cast in, compute, cast back
-        dtype = weight.compute_dtype(x.dtype)
+def _sliced(x, parts, bias, dim) -> torch.Tensor:
+    quantized = [weight for weight, _ in parts if isinstance(weight, Weight4bit)]
+    if quantized:  # as Linear4bit.forward: cast in, compute, cast back
+        dtype = quantized[0].compute_dtype(x.dtype)
         bias = None if bias is None else bias.to(dtype)
-        return _sliced_frozen(x.to(dtype), weight, bias, index, dim).to(x.dtype)
-    if weight.requires_grad:  # unfrozen: autograd
-        return F.linear(x, weight.index_select(dim, index), bias)
-    return _sliced_frozen(x, weight, bias, index, dim)
+        return _sliced_frozen(x.to(dtype), parts, bias, dim).to(x.dtype)
+    if any(weight.requires_grad for weight, _ in parts):  # unfrozen: autograd
+        kept = torch.cat([weight.index_select(dim, index) for weight, index in parts], dim=0)
+        return F.linear(x, kept, bias)
+    return _sliced_frozen(x, parts, bias, dim)
 
 
-def _sliced_frozen(x, weight, bias, index, dim) -> torch.Tensor:
-    if bias is not None and bias.requires_grad:  # SlicedLinear gives x its gradient only
-        return F.linear(x, _kept(weight, dim, index, x.dtype, scratch=False), bias)
-    if not (torch.is_grad_enabled() and x.requires_grad):
-        return F.linear(x, _kept(weight, dim, index, x.dtype, scratch=True), bias)
-    return SlicedLinear.apply(x, weight, bias, index, dim)
+def _sliced_frozen(x, parts, bias, dim) -> torch.Tensor:
+    needs_x_grad = torch.is_grad_enabled() and x.requires_grad
+    if (bias is not None and bias.requires_grad) or not needs_x_grad:
+        # SlicedLinear gives x its gradient only; without one, no autograd Function is needed
+        if dim == 0:
+            kept = gather_rows(parts, x.dtype)
+            if bias is not None and bias.requires_grad:
+                kept = kept.clone()  # autograd keeps operands: not the scratch buffer
+        else:
+            kept = _kept_cols(parts[0][0], parts[0][1], x.dtype)
+        return F.linear(x, kept, bias)
+    return SlicedLinear.apply(x, bias, dim, tuple(parts))
 
 
 def rows_linear(
@@ -108,7 +142,30 @@ def rows_linear(
 ) -> torch.Tensor:
     """Only the kept output channels: x (n, in) -> (n, k) = x W[rows]^T + b[rows]."""
     kept_bias = None if bias is None else bias.index_select(0, rows)
-    return _sliced(x, weight, kept_bias, rows, 0)
+    return _sliced(x, ((weight, rows),), kept_bias, 0)
+
+
+def stacked_rows_linear(
+    x: torch.Tensor,
+    parts: tuple[tuple[torch.Tensor | Weight4bit, torch.Tensor | None, torch.Tensor], ...],
+) -> torch.Tensor:
+    """Kept output channels of several projections of the same input, in one GEMM.
+
+    parts: ((weight, bias, rows), ...), weight (out_i, in), rows (k_i,). x (n, in) ->
+    (n, k_1 + k_2 + ...): the columns of part i follow those of part i - 1, each equal to
+    `rows_linear(x, weight, bias, rows)`. One gather into one (sum k, in) slice and one GEMM
+    instead of one per projection (gate and up of an FFN share the input and the kept channels).
+    """
+    biases = [bias for _, bias, _ in parts]
+    if all(bias is None for bias in biases):
+        kept_bias = None
+    else:
+        kept_bias = torch.cat([
+            torch.zeros(rows.numel(), dtype=x.dtype, device=x.device) if bias is None
+            else bias.index_select(0, rows)
+            for _, bias, rows in parts
+        ])  # fmt: skip
+    return _sliced(x, tuple((weight, rows) for weight, _, rows in parts), kept_bias, 0)
 
 
 def cols_linear(
@@ -118,7 +175,7 @@ def cols_linear(
     cols: torch.Tensor,
 ) -> torch.Tensor:
     """Only the kept input channels: x_kept (n, k) -> (n, out) = x_kept W[:, cols]^T + b."""
-    return _sliced(x_kept, weight, bias, cols, 1)
+    return _sliced(x_kept, ((weight, cols),), bias, 1)
 
 
 def scatter_channels(y_kept: torch.Tensor, cols: torch.Tensor, width: int) -> torch.Tensor:

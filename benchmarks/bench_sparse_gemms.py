@@ -1,0 +1,192 @@
+"""How a sparse block lays out its GEMMs: the variants of issue 14, timed against each other.
+
+One forward + backward (input gradient; LoRA weight gradients too) of a sparse FFN or of one
+sparse attention projection with a dense LoRA branch, on a micro-batch whose tokens are split
+into a sparse (context) set and a dense (answer) set, written with `sparselora.engine.ops`:
+
+FFN (frozen gate, up, down; no LoRA on the MLP, the paper's setting)
+  split:        per token set: sparse tokens through the kept channels (gate and up as two
+                sliced GEMMs), dense tokens through the whole FFN, merged by a row permutation
+  split+stack:  the same, gate and up as ONE sliced GEMM over their stacked kept rows
+  all+rest:     kept channels for ALL tokens in one GEMM (gate and up stacked), the remaining
+                channels for the dense tokens only; no permutation, but the remaining rows of
+                each weight are gathered (most of the weight at high sparsity)
+Attention projection (frozen q_proj with LoRA r on every token)
+  split:        sparse tokens: kept rows + LoRA; dense tokens: the whole module + LoRA; merged
+  split+lora1:  the frozen part per token set, the LoRA branch once over all tokens
+  all+rest:     kept rows for all tokens, remaining rows for the dense tokens, LoRA once
+
+Variants run interleaved (V1 V2 V3 V3 V2 V1 ...), medians and paired ratios against `split`.
+
+    python benchmarks/bench_sparse_gemms.py --model llama3-8b
+    python benchmarks/bench_sparse_gemms.py --model smollm2-135m
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+import torch.nn.functional as F
+
+from sparselora.engine import ops
+
+MODELS = {  # hidden, intermediate, q width, kept FFN, kept q, tokens, dense tokens
+    "llama3-8b": (4096, 14336, 4096, 143, 1024, 512, 128),
+    "smollm2-135m": (576, 1536, 576, 153, 288, 2048, 512),
+}
+
+
+def token_sets(n: int, n_dense: int, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The last n_dense / batch tokens of each row dense, like the math shape."""
+    per_row = n // batch
+    dense = torch.zeros(batch, per_row, dtype=torch.bool)
+    dense[:, per_row - n_dense // batch :] = True
+    dense = dense.reshape(-1)
+    return (~dense).nonzero().squeeze(1), dense.nonzero().squeeze(1)
+
+
+def merge(y_sparse, y_dense, sparse_rows, dense_rows):
+    order = torch.cat([sparse_rows, dense_rows])
+    inverse = torch.empty_like(order)
+    inverse[order] = torch.arange(order.numel())
+    return torch.cat([y_sparse, y_dense]).index_select(0, inverse)
+
+
+def transposed_linear(x, weight):
+    """x W^T computed as (W x^T)^T: the same GEMM with the weight's rows as the long side."""
+    return torch.mm(weight, x.t()).t()
+
+
+def ffn_variants(w_gate, w_up, w_down, keep, rest, sparse_rows, dense_rows):
+    def split(x, stacked, linear=F.linear):
+        xs, xd = x.index_select(0, sparse_rows), x.index_select(0, dense_rows)
+        if stacked:
+            g, u = ops.stacked_rows_linear(xs, ((w_gate, None, keep), (w_up, None, keep))).split(
+                keep.numel(), 1
+            )
+        else:
+            g = ops.rows_linear(xs, w_gate, None, keep)
+            u = ops.rows_linear(xs, w_up, None, keep)
+        ys = ops.cols_linear(F.silu(g) * u, w_down, None, keep)
+        yd = linear(F.silu(linear(xd, w_gate)) * linear(xd, w_up), w_down)
+        return merge(ys, yd, sparse_rows, dense_rows)
+
+    def all_rest(x):
+        g, u = ops.stacked_rows_linear(x, ((w_gate, None, keep), (w_up, None, keep))).split(
+            keep.numel(), 1
+        )
+        y = ops.cols_linear(F.silu(g) * u, w_down, None, keep)
+        xd = x.index_select(0, dense_rows)
+        g, u = ops.stacked_rows_linear(xd, ((w_gate, None, rest), (w_up, None, rest))).split(
+            rest.numel(), 1
+        )
+        return y.index_add(0, dense_rows, ops.cols_linear(F.silu(g) * u, w_down, None, rest))
+
+    return {
+        "split": lambda x: split(x, False),
+        "split+stack": lambda x: split(x, True),
+        "split+stack+T": lambda x: split(x, True, transposed_linear),
+        "all+rest": all_rest,
+    }
+
+
+def projection_variants(weight, lora_a, lora_b, keep, rest, sparse_rows, dense_rows):
+    out = weight.shape[0]
+
+    def lora(x):
+        return F.linear(F.linear(x, lora_a), lora_b) * 2.0
+
+    def split(x):
+        xs, xd = x.index_select(0, sparse_rows), x.index_select(0, dense_rows)
+        ys = ops.scatter_channels(ops.rows_linear(xs, weight, None, keep), keep, out) + lora(xs)
+        yd = F.linear(xd, weight) + lora(xd)
+        return merge(ys, yd, sparse_rows, dense_rows)
+
+    def split_lora_once_t(x):
+        xs, xd = x.index_select(0, sparse_rows), x.index_select(0, dense_rows)
+        ys = ops.scatter_channels(ops.rows_linear(xs, weight, None, keep), keep, out)
+        return merge(ys, transposed_linear(xd, weight), sparse_rows, dense_rows) + lora(x)
+
+    def split_lora_once(x):
+        xs, xd = x.index_select(0, sparse_rows), x.index_select(0, dense_rows)
+        ys = ops.scatter_channels(ops.rows_linear(xs, weight, None, keep), keep, out)
+        return merge(ys, F.linear(xd, weight), sparse_rows, dense_rows) + lora(x)
+
+    def all_rest(x):
+        y = ops.scatter_channels(ops.rows_linear(x, weight, None, keep), keep, out)
+        yd = ops.rows_linear(x.index_select(0, dense_rows), weight, None, rest)
+        y = y.index_put((dense_rows[:, None], rest[None, :]), yd)
+        return y + lora(x)
+
+    return {
+        "split": split,
+        "split+lora1": split_lora_once,
+        "split+lora1+T": split_lora_once_t,
+        "all+rest": all_rest,
+    }
+
+
+def time_variants(variants, x, repeats: int) -> dict[str, list[float]]:
+    names = list(variants)
+    times = {name: [] for name in names}
+    for r in range(repeats + 1):
+        for name in names if r % 2 == 0 else reversed(names):
+            xi = x.detach().requires_grad_(True)
+            start = time.perf_counter()
+            y = variants[name](xi)
+            y.backward(torch.ones_like(y))
+            if r:  # the first round warms up
+                times[name].append(time.perf_counter() - start)
+    return times
+
+
+def report(title, times):
+    base = times["split"]
+    print(f"\n{title}")
+    print("| variant | median ms | paired ratio split/variant |")
+    print("|---|---|---|")
+    for name, values in times.items():
+        paired = statistics.median(b / v for b, v in zip(base, values, strict=True))
+        print(f"| {name} | {statistics.median(values) * 1e3:.1f} | {paired:.3f} |")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", choices=sorted(MODELS), default="llama3-8b")
+    parser.add_argument("--repeats", type=int, default=9)
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    hidden, inter, q_width, ffn_kept, q_kept, n, n_dense = MODELS[args.model]
+    batch = 1 if n == 512 else 4
+    sparse_rows, dense_rows = token_sets(n, n_dense, batch)
+    x = torch.randn(n, hidden)
+    w_gate, w_up = torch.randn(inter, hidden) * 0.02, torch.randn(inter, hidden) * 0.02
+    w_down = torch.randn(hidden, inter) * 0.02
+    perm = torch.randperm(inter)
+    keep, rest = perm[:ffn_kept].sort().values, perm[ffn_kept:].sort().values
+    ffn = ffn_variants(w_gate, w_up, w_down, keep, rest, sparse_rows, dense_rows)
+    check = {name: fn(x) for name, fn in ffn.items()}
+    for name, y in check.items():
+        torch.testing.assert_close(y, check["split"], rtol=1e-4, atol=1e-5, msg=name)
+    print(f"{args.model}: {n} tokens ({n_dense} dense), {args.threads} threads, "
+          f"{args.repeats} interleaved repeats")  # fmt: skip
+    report(f"FFN, keep {ffn_kept}/{inter}", time_variants(ffn, x, args.repeats))
+    w_q = torch.randn(q_width, hidden) * 0.02
+    lora_a = torch.randn(32, hidden, requires_grad=True)
+    lora_b = torch.randn(q_width, 32, requires_grad=True)
+    perm = torch.randperm(q_width)
+    keep, rest = perm[:q_kept].sort().values, perm[q_kept:].sort().values
+    proj = projection_variants(w_q, lora_a, lora_b, keep, rest, sparse_rows, dense_rows)
+    check = {name: fn(x) for name, fn in proj.items()}
+    for name, y in check.items():
+        torch.testing.assert_close(y, check["split"], rtol=1e-4, atol=1e-4, msg=name)
+    report(f"q_proj + LoRA r32, keep {q_kept}/{q_width}", time_variants(proj, x, args.repeats))
+
+
+if __name__ == "__main__":
+    main()
