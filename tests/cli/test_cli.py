@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import sys
-from pathlib import Path
 
 import pytest
 
@@ -105,12 +104,28 @@ def test_verbose_reaches_the_measurement_subcommands(monkeypatch, capsys):
 def test_demo_options_come_from_its_config(monkeypatch, capsys):
     seen = []
     monkeypatch.setattr(
-        "sparselora.cli.run_commands.run_demo", lambda config: seen.append(config) or "table"
+        "sparselora.cli.run_commands.run_demo",
+        lambda config, progress: seen.append((config, progress)) or "table",
     )
     assert cli.main(["demo", "--steps", "3", "--out", "runs/x", "--batch-size", "2"]) == 0
-    assert (seen[0].steps, seen[0].out, seen[0].batch_size, seen[0].seed) == (3, "runs/x", 2, 42)
+    assert cli.main(["demo", "--block", "3"]) == 0
+    (first, progress), (second, _) = seen
+    assert (first.steps, first.out, first.batch_size, first.seed) == (3, "runs/x", 2, 42)
+    assert (first.block, second.block, progress) == (2, 3, True)
     assert cli.main(["demo", "--steps", "0"]) == 2
     assert "steps must be an integer >= 1" in capsys.readouterr().err
+    assert cli.main(["demo", "--block", "0"]) == 2
+    assert "block must be an integer >= 1" in capsys.readouterr().err
+
+
+def test_a_failed_demo_training_is_one_error_line_naming_it(monkeypatch, capsys):
+    def failing_demo(config, progress):
+        raise ChildProcessError("training sparselora failed (exit status 3); stopped the others")
+
+    monkeypatch.setattr("sparselora.cli.run_commands.run_demo", failing_demo)
+    assert cli.main(["demo"]) == 2
+    err = capsys.readouterr().err
+    assert "training sparselora failed (exit status 3)" in err and "Traceback" not in err
 
 
 def fake_run(root, **files) -> str:
@@ -214,17 +229,9 @@ def test_train_overwrite_reaches_the_recipe(monkeypatch):
     assert seen == [False, True]
 
 
-def test_the_demo_trains_afresh_moving_an_earlier_demo_aside(monkeypatch, tmp_path):
+def test_the_demo_trains_afresh_moving_an_earlier_demo_aside(tmp_path):
     from sparselora.recipes import demo
 
-    commands = []
-
-    def fake_run(command, check):
-        commands.append(command)
-        out = next(a.split("=", 1)[1] for a in command if a.startswith("training.output_dir="))
-        Path(out).mkdir(parents=True)
-        (Path(out) / "summary.json").write_text("{}")
-
-    monkeypatch.setattr(demo.subprocess, "run", fake_run)
-    demo.train_run("lora", tmp_path, demo.DemoConfig())
-    assert commands[0][3:5] == ["train", "--overwrite"]
+    command = demo.train_command("lora", tmp_path, demo.DemoConfig())
+    assert command[3:5] == ["train", "--overwrite"]
+    assert f"training.output_dir={tmp_path / 'lora'}" in command

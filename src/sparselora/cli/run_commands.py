@@ -150,8 +150,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
         "demo",
         help="the main job: LoRA vs SparseLoRA on the embedded SmolLM2 and GSM8K",
-        description="Trains LoRA and SparseLoRA with the same seed, data and steps (each in its "
-        "own process), evaluates both adapters and prints a side-by-side table.",
+        description="Trains LoRA and SparseLoRA with the same seed, data and steps, each in its "
+        "own process, the two taking turns by blocks of --block steps so that both see the same "
+        "machine conditions; evaluates both adapters and prints a side-by-side table headed by "
+        "the paired median step time ratio of the interleaved blocks.",
     )
     add_dataclass_options(p, DemoConfig)
     p.set_defaults(func=_demo)
@@ -273,7 +275,8 @@ def _env(args: argparse.Namespace) -> int:
 
 
 def _demo(args: argparse.Namespace) -> int:
-    print("\n" + run_demo(dataclass_from_args(DemoConfig, args)))
+    print("\n" + run_demo(dataclass_from_args(DemoConfig, args), progress=True))
     root = Path(args.out)
     print(f"\nloss curves: {root / 'loss.png'}; runs: {root}/lora, {root}/sparselora")
+    print(f"training output: {root}/train-lora.log, {root}/train-sparselora.log")
     return 0

@@ -15,7 +15,8 @@ run folder:
     RUN_DIR/loss.png               training loss against step and against time
     RUN_DIR/trainer_state.json     the Trainer's whole log history, evaluations included
     RUN_DIR/summary.json           step time, tokens/s, FLOPs, peak memory, losses, over the
-                                   whole run across resumes; written last: the run is finished
+                                   whole run across resumes (in the interleaved demo, also the
+                                   times of its turns' blocks); written last: the run is finished
     RUN_DIR/finished-step-N/       a finished run's result, kept when a larger max_steps
                                    continued the run
     RUN_DIR/runs/                  TensorBoard logs
@@ -69,6 +70,7 @@ from sparselora.recipes.run_folder import (
     rotate_checkpoints,
     unmark,
 )
+from sparselora.recipes.turns import TurnTaking
 from sparselora.version import __version__
 
 logger = logging.getLogger(__name__)
@@ -86,16 +88,20 @@ def load_examples(source: str, tokenizer, config: RunConfig, limit: int | None) 
 
 
 class RunRecorder(TrainerCallback):
-    """Step times and wall-clock training time, both continued across resumes."""
+    """Step times and wall-clock training time, both continued across resumes. With `turns`
+    (the interleaved demo, sparselora.recipes.turns) the time spent waiting for the partner
+    run's turns is left out of both."""
 
-    def __init__(self) -> None:
+    def __init__(self, turns: TurnTaking | None = None) -> None:
         self.step_times: list[float] = []
         self.elapsed_before_resume = 0.0
+        self.turns = turns
         self._step_start = 0.0
         self._train_start = time.perf_counter()
 
     def wall_seconds(self) -> float:
-        return self.elapsed_before_resume + time.perf_counter() - self._train_start
+        waited = self.turns.waited_seconds if self.turns is not None else 0.0
+        return self.elapsed_before_resume + time.perf_counter() - self._train_start - waited
 
     def on_train_begin(self, args, state, control, **kwargs):
         self._train_start = time.perf_counter()
@@ -233,6 +239,7 @@ def train(
     `overwrite=True` (`sparselora train --overwrite`) first moves that run aside to
     RUN_DIR.replaced-K and trains afresh. Raises RunFolderError (a ValueError) when refused.
     """
+    turns = TurnTaking.from_environment()  # first: a partner waiting on us sees us from here on
     training = config.training
     run_dir = Path(training.output_dir)
     folder = RunFolder(run_dir)
@@ -286,7 +293,9 @@ def train(
             calibration = calibration_batches(train_examples, collator)
         handle = apply_sparselora(model, sparse_config, calibration=calibration)
         callbacks.append(SparseLoRACallback(handle))
-    recorder = RunRecorder()
+    recorder = RunRecorder(turns)
+    if turns is not None:
+        callbacks.append(turns)  # before the recorder: its waits end before a step's timer starts
     callbacks.append(recorder)
     trainer = RecipeTrainer(
         recorder=recorder,
@@ -371,6 +380,8 @@ def train(
         "resumed_from": str(resume) if resume else None,
         "version": __version__,
     }
+    if turns is not None:
+        summary["interleaved_blocks"] = turns.blocks
     if args.should_save:
         plot_losses([summary], run_dir / "loss.png")
         atomic_write(run_dir / "summary.json", json.dumps(summary, indent=2))  # last: finished
