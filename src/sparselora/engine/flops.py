@@ -19,7 +19,11 @@ What is counted, per decoder layer:
   input needs a gradient, dx (2*T*r*in): 2x forward.
 - Attention core: QK^T and AV over the full L x L score matrix (causality not exploited, as an
   eager or math-SDPA kernel computes it): forward 4*B*nh*L^2*hd; backward dS/dP/dQ/dK/dV, 2x.
-  Identical for LoRA and SparseLoRA (q/k/v are scattered back to full width).
+  Identical for LoRA and SparseLoRA (q/k/v are scattered back to full width), except in the
+  last layer with `skip_unread_last_layer`: only the n query rows some loss reads (n = the
+  positions whose next token is labelled, the same in every sequence here), against all L
+  keys: 4*B*nh*n*L*hd forward (`engine/attention.py`; all L rows when n is 0 or L; assumes
+  no attention dropout and an `sdpa` or `eager` core, which that shortcut needs).
 - LM head: 2*T*H*V forward, the same again for its input gradient. With
   `logits_on_output_only`, only the B*out positions whose next token is labelled.
 - Gemma 4's per-layer inputs, counted under "MLP proj" (frozen, dense, every token): per
@@ -44,7 +48,8 @@ LoRA and SparseLoRA. No activation checkpointing is assumed (it would add a seco
 Layers may differ (Gemma 4, `ModelShape.layers`): head dim and KV heads of full-attention
 layers, FFN width (double-wide MLPs), and layers with no k/v projections of their own (they
 reuse an earlier layer's keys and values) or no v projection (the keys are the values). Such
-layers take no attention sparsity and, as the last layer, skip only their FFN.
+layers take no attention sparsity and, as the last layer, skip only their FFN's and attention
+core's unread rows.
 
 Fused and hybrid layouts (`ModelShape.modules`): Phi-3 computes q/k/v in one `qkv_proj` and
 gate/up in one `gate_up_proj`. The frozen FLOPs are those of the separate projections (the
@@ -247,8 +252,10 @@ def step_flops(
     sparse_tokens = batch * len(sparse_set)
     if sparse_tokens == 0:
         ffn, attn = {}, {}
-    # The last layer's skippable projections (q, o, FFN) run on read positions only.
+    # The last layer's skippable projections (q, o, FFN) and its attention core's query rows
+    # run on read positions only.
     skip_last = config is not None and config.skip_unread_last_layer
+    core_rows = len(read) if 0 < len(read) < seq_len else seq_len
     last_sparse = batch * len(sparse_set & read)
     last_dense = batch * len(read - sparse_set)
     detach = config is not None and config.detach_sparse_base
@@ -303,7 +310,8 @@ def step_flops(
                 lora_in, lora_out = kept[parts[0]][0], sum(kept[p][1] for p in parts)
             flops["lora"] += _lora(n_dense, d_in, d_out, lora_rank, input_grad)
             flops["lora"] += _lora(n_sparse, lora_in, lora_out, lora_rank, input_grad)
-        core_forward = 4 * batch * shape.num_heads * seq_len**2 * geometry.head_dim
+        rows = core_rows if last else seq_len  # query rows of the core, against seq_len keys
+        core_forward = 4 * batch * shape.num_heads * rows * seq_len * geometry.head_dim
         if layer in shape.linear_layers:
             core_forward = 0  # the Gated DeltaNet core is not counted (module docstring)
         core_backward = grad_to_embeddings or position >= first_adapted

@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from sparselora.config import ConfigError, SparseLoRAConfig
+from sparselora.engine.attention import ReadRowsAttention, read_rows_core
 from sparselora.engine.blocks import SparseBlock
 from sparselora.engine.estimator import (
     ATTN_ESTIMATED,
@@ -71,11 +72,13 @@ class SparseLoRA:
         weights: Mapping[Key, torch.Tensor],
         fingerprint: str,
         cache: EstimatorCache | None,
+        core: ReadRowsAttention | None = None,
     ) -> None:
         """Installs at once: from here on the model's targeted forwards are sparse.
 
         weights: the frozen weights the estimator needs factors for, by (layer, projection);
-        fingerprint: of every projection weight of the model (it keys the estimator cache).
+        fingerprint: of every projection weight of the model (it keys the estimator cache);
+        core: the last layer's attention core on read query rows (`skip_unread_last_layer`).
         """
         self.model = model
         self.config = context.config
@@ -84,6 +87,7 @@ class SparseLoRA:
         self.cache = cache
         self._context = context
         self._head = head
+        self._core = core
         self._weights = weights
         self._enabled = True
         self._dense_depth = 0
@@ -98,6 +102,8 @@ class SparseLoRA:
             block.install()
         if head is not None:
             head.install()
+        if core is not None:
+            core.install()
         self._hook = model.register_forward_pre_hook(self._before_forward, with_kwargs=True)
         self._installed = True
 
@@ -157,6 +163,8 @@ class SparseLoRA:
         self._hook.remove()
         if self._head is not None:
             self._head.uninstall()
+        if self._core is not None:
+            self._core.uninstall()
         self._installed = False
         self._context.batch = None
         return self.model
@@ -179,8 +187,9 @@ class SparseLoRA:
         if self._context.collector is not None:
             self._digest.update(reference, bound.get("attention_mask"))
         extra = bound.get("kwargs", {})
-        reads_everything = bool(
-            bound.get("output_hidden_states") or extra.get("output_hidden_states")
+        reads_everything = any(  # every position of every layer, or its attention rows
+            bound.get(name) or extra.get(name)
+            for name in ("output_hidden_states", "output_attentions")
         )
         self._context.batch = self._batch_state(
             tuple(reference.shape[:2]),
@@ -441,7 +450,8 @@ def apply_sparselora(
     }
     parts = family.causal_lm_parts(base) if config.labelled_logits else None
     head = LabelledLogits(context, base, parts) if parts is not None else None
-    handle = SparseLoRA(base, context, blocks, head, weights, fingerprint, cache)
+    core = read_rows_core(context, modules[last]) if config.skip_unread_last_layer else None
+    handle = SparseLoRA(base, context, blocks, head, weights, fingerprint, cache, core)
 
     if not handle.ready:
         if calibration is not None:

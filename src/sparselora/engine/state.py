@@ -94,6 +94,7 @@ class BatchState:
     backward: bool = False
     _counted: set[str] = field(default_factory=set)
     _skip_splits: dict[bool, TokenSplit] = field(default_factory=dict)
+    _read_positions: torch.Tensor | None = None
 
     @property
     def passes(self) -> int:
@@ -123,6 +124,13 @@ class BatchState:
                 sparse = torch.zeros_like(unread)
             self._skip_splits[with_sparse] = TokenSplit(sparse, skip_mask=unread)
         return self._skip_splits[with_sparse]
+
+    def read_positions(self) -> torch.Tensor:
+        """(n,) ascending int64: the positions some row's loss reads (where `unread` is False
+        in at least one row), the query rows the last layer's attention core computes."""
+        if self._read_positions is None:
+            self._read_positions = (~self.unread).any(0).nonzero().squeeze(1)
+        return self._read_positions
 
 
 class ForwardContext:

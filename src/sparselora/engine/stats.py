@@ -14,7 +14,9 @@ class SparsityStats:
       once per forward however often gradient checkpointing recomputes it: the frozen
       projections' forward and, in forwards run with gradients on, their input-gradient
       backward; the LoRA branches of the rows the last layer skips (forward, weight and input
-      gradients); the LM head on the positions no loss reads (forward and input gradient).
+      gradients); the last layer's attention core on the query rows no loss reads (QK^T and
+      AV, forward and backward); the LM head on the positions no loss reads (forward and input
+      gradient).
       2 FLOPs per multiply-add: the saving `engine.flops.step_flops` predicts (LoRA total minus
       SparseLoRA total without the estimator), except that it assumes an input gradient for
       every sparse frozen projection (layer 0's q/k/v need none when no adapter lies upstream:

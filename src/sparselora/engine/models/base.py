@@ -58,7 +58,10 @@ class BlockModules:
     may instead be `Rows` of a fused module (the same module for several of them). A layer
     without standard softmax attention of its own (a linear-attention layer of a hybrid model, a layer
     that reuses another layer's keys and values) has q, k, v and o None and says why in
-    `no_attention`: its FFN can be sparse, its attention cannot.
+    `no_attention`: its FFN can be sparse, its attention cannot. `attention` is the layer's
+    softmax-attention module (the one that calls its core through transformers'
+    `AttentionInterface`), also where it has no q/k/v of its own; None in a layer without one
+    (linear attention).
     """
 
     index: int
@@ -75,6 +78,7 @@ class BlockModules:
     num_kv_heads: int
     head_dim: int
     no_attention: str | None = None  # why q/k/v/o are None, e.g. "linear attention"
+    attention: nn.Module | None = None  # the softmax-attention module (its core: attention.py)
 
     @property
     def has_attention(self) -> bool:

@@ -76,6 +76,7 @@ def gemma_block(layer: nn.Module, index: int) -> BlockModules:
         num_kv_heads=num_kv_heads,
         head_dim=head_dim,
         no_attention=no_attention,
+        attention=attn,  # a KV-shared or keys-as-values layer still has its softmax core
     )
 
 

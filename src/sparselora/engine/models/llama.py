@@ -51,4 +51,5 @@ class LlamaFamily(ModelFamily):
             num_heads=num_heads,
             num_kv_heads=getattr(config, "num_key_value_heads", None) or num_heads,
             head_dim=head_dim,
+            attention=attn,
         )

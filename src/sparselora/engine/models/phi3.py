@@ -43,4 +43,5 @@ class Phi3Family(ModelFamily):
             num_heads=num_heads,
             num_kv_heads=num_kv_heads,
             head_dim=head_dim,
+            attention=attn,
         )

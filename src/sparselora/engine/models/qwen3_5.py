@@ -52,4 +52,5 @@ class Qwen35Family(ModelFamily):
             num_kv_heads=config.num_key_value_heads,
             head_dim=head_dim,
             no_attention=None if attn is not None else LINEAR_ATTENTION,
+            attention=attn,
         )
