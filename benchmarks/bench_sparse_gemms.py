@@ -8,12 +8,14 @@ FFN (frozen gate, up, down; no LoRA on the MLP, the paper's setting)
   split:        per token set: sparse tokens through the kept channels (gate and up as two
                 sliced GEMMs), dense tokens through the whole FFN, merged by a row permutation
   split+stack:  the same, gate and up as ONE sliced GEMM over their stacked kept rows
+  split+stack+T: and the dense tokens' GEMMs through `ops.frozen_linear` ((W x^T)^T on CPU)
   all+rest:     kept channels for ALL tokens in one GEMM (gate and up stacked), the remaining
                 channels for the dense tokens only; no permutation, but the remaining rows of
                 each weight are gathered (most of the weight at high sparsity)
 Attention projection (frozen q_proj with LoRA r on every token)
   split:        sparse tokens: kept rows + LoRA; dense tokens: the whole module + LoRA; merged
   split+lora1:  the frozen part per token set, the LoRA branch once over all tokens
+  split+lora1+T: and the dense tokens' GEMM through `ops.frozen_linear`
   all+rest:     kept rows for all tokens, remaining rows for the dense tokens, LoRA once
 
 Variants run interleaved (V1 V2 V3 V3 V2 V1 ...), medians and paired ratios against `split`.
@@ -55,12 +57,19 @@ def merge(y_sparse, y_dense, sparse_rows, dense_rows):
     return torch.cat([y_sparse, y_dense]).index_select(0, inverse)
 
 
-def transposed_linear(x, weight):
-    """x W^T computed as (W x^T)^T: the same GEMM with the weight's rows as the long side."""
-    return torch.mm(weight, x.t()).t()
+def frozen_layer(weight: torch.Tensor) -> torch.nn.Linear:
+    """A bias-free nn.Linear sharing `weight` (frozen)."""
+    layer = torch.nn.Linear(1, 1, bias=False)
+    layer.weight = torch.nn.Parameter(weight, requires_grad=False)
+    return layer
 
 
 def ffn_variants(w_gate, w_up, w_down, keep, rest, sparse_rows, dense_rows):
+    layers = {id(w): frozen_layer(w) for w in (w_gate, w_up, w_down)}
+
+    def transposed_linear(x, weight):  # as the engine runs the dense tokens' GEMMs
+        return ops.frozen_linear(x, layers[id(weight)])
+
     def split(x, stacked, linear=F.linear):
         xs, xd = x.index_select(0, sparse_rows), x.index_select(0, dense_rows)
         if stacked:
@@ -95,6 +104,7 @@ def ffn_variants(w_gate, w_up, w_down, keep, rest, sparse_rows, dense_rows):
 
 def projection_variants(weight, lora_a, lora_b, keep, rest, sparse_rows, dense_rows):
     out = weight.shape[0]
+    layer = frozen_layer(weight)
 
     def lora(x):
         return F.linear(F.linear(x, lora_a), lora_b) * 2.0
@@ -108,7 +118,7 @@ def projection_variants(weight, lora_a, lora_b, keep, rest, sparse_rows, dense_r
     def split_lora_once_t(x):
         xs, xd = x.index_select(0, sparse_rows), x.index_select(0, dense_rows)
         ys = ops.scatter_channels(ops.rows_linear(xs, weight, None, keep), keep, out)
-        return merge(ys, transposed_linear(xd, weight), sparse_rows, dense_rows) + lora(x)
+        return merge(ys, ops.frozen_linear(xd, layer), sparse_rows, dense_rows) + lora(x)
 
     def split_lora_once(x):
         xs, xd = x.index_select(0, sparse_rows), x.index_select(0, dense_rows)

@@ -396,7 +396,9 @@ def test_gemma4_double_wide_mlp_is_sparsified_with_its_own_width():
     assert rel_err(logits, expected) < SPARSE
     assert rel_err(expected, dense) > REALLY_SPARSE
     read = output_positions(batch["labels"])
-    assert torch.equal(logits[read], dense[read])
+    # Read positions are dense tokens: equal to the dense model's up to float rounding (their
+    # FFN GEMMs run as (W x^T)^T, `ops.frozen_linear`), far below what sparsity changes.
+    assert rel_err(logits[read], dense[read]) < 1e-6
 
 
 def test_gemma4_mixture_of_experts_is_refused():

@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from sparselora.engine.ops import cols_linear, rows_linear, stacked_rows_linear
+from sparselora.engine.ops import cols_linear, frozen_linear, rows_linear, stacked_rows_linear
 
 
 def reference(x, weight, bias, index, dim):
@@ -115,3 +115,22 @@ def test_autocast_bfloat16_gradients_come_back_in_the_input_dtype():
         y_ref = reference(x_ref, weight, None, index, 0)
     (gx_ref,) = torch.autograd.grad(y_ref.float().sum(), x_ref)
     torch.testing.assert_close(gx, gx_ref, rtol=2e-2, atol=2e-2)
+
+
+@pytest.mark.parametrize("rows", [3, 40])
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_frozen_linear_equals_the_layer_in_either_orientation(rows, with_bias):
+    """Fewer rows than output channels: computed as (W x^T)^T (a transposed result); more: the
+    layer itself. Output and input gradient equal the layer's either way."""
+    torch.manual_seed(4)
+    layer = torch.nn.Linear(16, 24, bias=with_bias).requires_grad_(False)
+    x = torch.randn(rows, 16, requires_grad=True)
+    y = frozen_linear(x, layer)
+    grad = torch.randn_like(y)
+    (gx,) = torch.autograd.grad(y, x, grad)
+    x_ref = x.detach().clone().requires_grad_(True)
+    y_ref = layer(x_ref)
+    (gx_ref,) = torch.autograd.grad(y_ref, x_ref, grad)
+    torch.testing.assert_close(y, y_ref)
+    torch.testing.assert_close(gx, gx_ref)
+    assert y.is_contiguous() == (rows >= 24)  # the transposed product only for few rows

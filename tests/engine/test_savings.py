@@ -1,5 +1,7 @@
 """Exact savings: the labelled-logits head and the last layer's skipped context tokens leave
-the loss and every gradient unchanged (fp32, relative L2 < 1e-6), and really skip the work."""
+the loss and every gradient unchanged (fp32, relative L2 < 2e-6: the read tokens' FFN GEMMs
+run as (W x^T)^T on CPU, `ops.frozen_linear`, which rounds differently), and really skip the
+work."""
 
 from __future__ import annotations
 
@@ -9,9 +11,10 @@ from conftest import ATTN, CHANNELS_ONLY, MLP, lora_model, make_batch, tiny_llam
 from reference import rel_err
 
 from sparselora import SparseLoRAConfig, apply_sparselora
+from sparselora.engine import ops
 from sparselora.engine.state import output_positions
 
-EXACT = 1e-6
+EXACT = 2e-6
 NO_SPARSITY = {"ffn_sparsity": {}, "attn_sparsity": {}}
 SPARSE = {
     "ffn_sparsity": {"0-2": 0.5},
@@ -85,7 +88,7 @@ def test_savings_under_gradient_checkpointing(reentrant):
     assert_same(result, expected)
 
 
-def test_logits_hold_the_read_positions_and_the_last_layer_skips_context_tokens():
+def test_logits_hold_the_read_positions_and_the_last_layer_skips_context_tokens(monkeypatch):
     model = lora_model(tiny_llama(kv_heads=2), ATTN + MLP)
     batch = make_batch(padding="left")
     with torch.no_grad():
@@ -97,6 +100,17 @@ def test_logits_hold_the_read_positions_and_the_last_layer_skips_context_tokens(
     def rows(name):
         return lambda module, args: seen.__setitem__(name, args[0].reshape(-1, args[0].shape[-1]))
 
+    # The last layer's down projection is reached through its module (dense forwards) or, for
+    # a sparse block's dense tokens, through `ops.frozen_linear` on its base layer.
+    last_down = layers[2].mlp.down_proj.base_layer
+    frozen_linear = ops.frozen_linear
+
+    def spy(x, layer):
+        if layer is last_down:
+            seen["last_ffn"] = x
+        return frozen_linear(x, layer)
+
+    monkeypatch.setattr(ops, "frozen_linear", spy)
     hooks = [
         layers[2].mlp.down_proj.register_forward_pre_hook(rows("last_ffn")),
         layers[2].self_attn.k_proj.register_forward_pre_hook(rows("last_k")),

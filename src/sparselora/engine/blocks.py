@@ -86,6 +86,10 @@ class SparseBlock:
             name for name, parts in self.row_parts.items() if [p for p, _ in parts] == ["q_proj"]
         }
         self.targets = self._targets()  # name -> module, fixed for the block's lifetime
+        # The MLP's dense tokens run through `_dense_mlp` when it is the plain gated MLP it
+        # reproduces: separate gate and up modules (plain LoRA or none: checked per forward).
+        self._ffn_modules = tuple(modules.projection(p) for p in FFN_PROJECTIONS)
+        self._unfused_mlp = self.gate.module is not self.up.module
         self._used = self._used_modules()
         self._adapted = tuple(m for m in self._used if hasattr(m, "base_layer"))  # PEFT layers
 
@@ -155,7 +159,11 @@ class SparseBlock:
         if split.sparse_rows.numel():
             keep = self._ffn_channels(batch, x)
             y_sparse = self._sparse_mlp(flat.index_select(0, split.sparse_rows), keep)
-        y_dense = original(flat.index_select(0, split.dense_rows), *args, **kwargs)
+        x_dense = flat.index_select(0, split.dense_rows)
+        if self._unfused_mlp and not any(map(dora_adapter, self._ffn_modules)):
+            y_dense = self._dense_mlp(x_dense)
+        else:
+            y_dense = original(x_dense, *args, **kwargs)
         self._record_skipped(batch, split, "mlp")
         return split.merge(y_sparse, y_dense).view_as(x)
 
@@ -175,9 +183,6 @@ class SparseBlock:
         if split.all_sparse:
             channels = self._kept(batch, x, name)
             return sparse_fn(module, flat, channels).view(*x.shape[:-1], -1)
-        if not split.skip_rows.numel() and dora_adapter(module) is None:
-            y = self._mixed_projection(module, name, flat, split, batch, x)
-            return y.view(*x.shape[:-1], -1)
         y_sparse = flat.new_zeros(0, base_linear(module).out_features)
         if split.sparse_rows.numel():
             channels = self._kept(batch, x, name)
@@ -238,6 +243,16 @@ class SparseBlock:
         y = ops.cols_linear(h.index_select(1, keep), frozen_weight(down), down.bias, keep)
         return plus_adapters(m.down, y, h)
 
+    def _dense_mlp(self, xd: torch.Tensor) -> torch.Tensor:
+        """xd: (n, H) -> (n, H), the whole MLP for the dense tokens as the original module
+        computes it, with each frozen GEMM through `ops.frozen_linear`."""
+        m = self.modules
+        gate, up, down = (base_linear(m.projection(p)) for p in FFN_PROJECTIONS)
+        g = plus_adapters(self.gate.module, ops.frozen_linear(xd, gate), xd)
+        u = plus_adapters(self.up.module, ops.frozen_linear(xd, up), xd)
+        h = m.act(g) * u
+        return plus_adapters(m.down, ops.frozen_linear(h, down), h)
+
     def _gate_up(
         self, xs: torch.Tensor, keep: torch.Tensor, dense_lora: bool
     ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -272,35 +287,6 @@ class SparseBlock:
         base_in = xs.detach() if self.config.detach_sparse_base else xs
         y = ops.rows_linear(base_in, frozen_weight(base), base.bias, rows)  # (n, k)
         return plus_adapters(module, y, xs, rows=rows, full_width=True)  # (n, out)
-
-    def _mixed_projection(
-        self,
-        module: torch.nn.Module,
-        name: str,
-        flat: torch.Tensor,
-        split: TokenSplit,
-        batch: BatchState,
-        x: torch.Tensor,
-    ) -> torch.Tensor:
-        """flat (B*L, in) -> (B*L, out) for a micro-batch with both sparse and dense tokens: the
-        frozen weight per token set (kept channels for the sparse set, whole for the dense set),
-        merged, then the LoRA branch ONCE over all tokens (one pair of GEMMs instead of one per
-        set; plain LoRA only, whose delta does not depend on the frozen output)."""
-        base = base_linear(module)
-        base_in = flat.detach() if self.config.detach_sparse_base else flat
-        y_sparse = flat.new_zeros(0, base.out_features)
-        if split.sparse_rows.numel():
-            channels = self._kept(batch, x, name)
-            xs = base_in.index_select(0, split.sparse_rows)
-            weight = frozen_weight(base)
-            if name == "o_proj":
-                xs = xs.index_select(1, channels)
-                y_sparse = ops.cols_linear(xs, weight, base.bias, channels)  # (n_s, out)
-            else:
-                y_kept = ops.rows_linear(xs, weight, base.bias, channels)  # (n_s, k)
-                y_sparse = ops.scatter_channels(y_kept, channels, base.out_features)
-        y_dense = base(flat.index_select(0, split.dense_rows))  # (n_d, out)
-        return plus_adapters(module, split.merge(y_sparse, y_dense), flat)
 
     def _sparse_o(self, module, xs: torch.Tensor, columns: torch.Tensor) -> torch.Tensor:
         """xs: (n, nh*hd) -> (n, H): kept input columns of the frozen weight, dense LoRA."""
