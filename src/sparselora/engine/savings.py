@@ -27,6 +27,7 @@ from torch import nn
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from sparselora.config import IGNORE_INDEX
+from sparselora.engine import ops
 from sparselora.engine.models.base import CausalLMParts
 from sparselora.engine.state import ForwardContext
 
@@ -76,7 +77,7 @@ def labelled_loss(
     """
     targets = labels[:, 1:].to(hidden.device)  # (B, L-1): the token each position predicts
     read = targets != IGNORE_INDEX
-    logits = head(hidden[:, :-1][read])  # (N, V)
+    logits = ops.frozen_linear(hidden[:, :-1][read], head)  # (N, V); few rows: (W h^T)^T
     if finalize is not None:
         logits = finalize(logits)
     return causal_lm_loss(logits, targets[read], num_items_in_batch), logits, read
