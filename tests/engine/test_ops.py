@@ -134,3 +134,12 @@ def test_frozen_linear_equals_the_layer_in_either_orientation(rows, with_bias):
     torch.testing.assert_close(y, y_ref)
     torch.testing.assert_close(gx, gx_ref)
     assert y.is_contiguous() == (rows >= 24)  # the transposed product only for few rows
+
+
+def test_frozen_linear_calls_a_hooked_layer_as_a_module():
+    """A layer with a forward hook (accelerate's device hooks, a user's) keeps running it."""
+    layer = torch.nn.Linear(16, 24).requires_grad_(False)
+    calls = []
+    layer.register_forward_pre_hook(lambda module, args: calls.append(args[0].shape[0]))
+    y = frozen_linear(torch.randn(3, 16), layer)
+    assert calls == [3] and y.is_contiguous()

@@ -11,7 +11,6 @@ from conftest import ATTN, CHANNELS_ONLY, MLP, lora_model, make_batch, tiny_llam
 from reference import rel_err
 
 from sparselora import SparseLoRAConfig, apply_sparselora
-from sparselora.engine import ops
 from sparselora.engine.state import output_positions
 
 EXACT = 2e-6
@@ -88,7 +87,7 @@ def test_savings_under_gradient_checkpointing(reentrant):
     assert_same(result, expected)
 
 
-def test_logits_hold_the_read_positions_and_the_last_layer_skips_context_tokens(monkeypatch):
+def test_logits_hold_the_read_positions_and_the_last_layer_skips_context_tokens():
     model = lora_model(tiny_llama(kv_heads=2), ATTN + MLP)
     batch = make_batch(padding="left")
     with torch.no_grad():
@@ -100,17 +99,6 @@ def test_logits_hold_the_read_positions_and_the_last_layer_skips_context_tokens(
     def rows(name):
         return lambda module, args: seen.__setitem__(name, args[0].reshape(-1, args[0].shape[-1]))
 
-    # The last layer's down projection is reached through its module (dense forwards) or, for
-    # a sparse block's dense tokens, through `ops.frozen_linear` on its base layer.
-    last_down = layers[2].mlp.down_proj.base_layer
-    frozen_linear = ops.frozen_linear
-
-    def spy(x, layer):
-        if layer is last_down:
-            seen["last_ffn"] = x
-        return frozen_linear(x, layer)
-
-    monkeypatch.setattr(ops, "frozen_linear", spy)
     hooks = [
         layers[2].mlp.down_proj.register_forward_pre_hook(rows("last_ffn")),
         layers[2].self_attn.k_proj.register_forward_pre_hook(rows("last_k")),

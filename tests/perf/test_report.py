@@ -97,8 +97,9 @@ def test_flops_table_markdown():
         f"{rows[0]['speedup']:.2f}x |"
     )
     assert "commonsense (512, 3)" in table[3]
-    # The attention core is the same for both methods (one number), the MLP is not (an arrow).
-    core = rows[0]["lora"]["attn_core"] / 1e12
-    assert f"| {core:.3g} |" in table[2]
+    # A part that differs between the methods has an arrow: the MLP, and the attention core
+    # (the last layer's on read query rows only).
+    core = rows[0]["lora"]["attn_core"] / 1e12, rows[0]["sparselora"]["attn_core"] / 1e12
+    assert core[1] < core[0] and f"| {core[0]:.3g} → {core[1]:.3g} |" in table[2]
     mlp = rows[0]["lora"]["mlp_proj"] / 1e12, rows[0]["sparselora"]["mlp_proj"] / 1e12
     assert f"| {mlp[0]:.3g} → {mlp[1]:.3g} |" in table[2]

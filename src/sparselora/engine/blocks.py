@@ -86,8 +86,7 @@ class SparseBlock:
             name for name, parts in self.row_parts.items() if [p for p, _ in parts] == ["q_proj"]
         }
         self.targets = self._targets()  # name -> module, fixed for the block's lifetime
-        # The MLP's dense tokens run through `_dense_mlp` when it is the plain gated MLP it
-        # reproduces: separate gate and up modules (plain LoRA or none: checked per forward).
+        # The MLP's dense tokens run through `_dense_mlp` when `_own_dense_mlp` allows.
         self._ffn_modules = tuple(modules.projection(p) for p in FFN_PROJECTIONS)
         self._unfused_mlp = self.gate.module is not self.up.module
         self._used = self._used_modules()
@@ -160,7 +159,7 @@ class SparseBlock:
             keep = self._ffn_channels(batch, x)
             y_sparse = self._sparse_mlp(flat.index_select(0, split.sparse_rows), keep)
         x_dense = flat.index_select(0, split.dense_rows)
-        if self._unfused_mlp and not any(map(dora_adapter, self._ffn_modules)):
+        if self._own_dense_mlp():
             y_dense = self._dense_mlp(x_dense)
         else:
             y_dense = original(x_dense, *args, **kwargs)
@@ -242,6 +241,16 @@ class SparseBlock:
         # Dense LoRA branch: frozen weights on kept channels, adapters on every channel.
         y = ops.cols_linear(h.index_select(1, keep), frozen_weight(down), down.bias, keep)
         return plus_adapters(m.down, y, h)
+
+    def _own_dense_mlp(self) -> bool:
+        """Whether `_dense_mlp` computes what the original MLP would: separate gate and up,
+        plain LoRA (or none), and no module hooks that calling the modules would run."""
+        modules = self._ffn_modules
+        return (
+            self._unfused_mlp
+            and not any(map(dora_adapter, modules))
+            and not any(ops.has_hooks(m) or ops.has_hooks(base_linear(m)) for m in modules)
+        )
 
     def _dense_mlp(self, xd: torch.Tensor) -> torch.Tensor:
         """xd: (n, H) -> (n, H), the whole MLP for the dense tokens as the original module

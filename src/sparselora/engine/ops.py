@@ -185,14 +185,27 @@ def frozen_linear(x: torch.Tensor, layer: torch.nn.Module) -> torch.Tensor:
     sparse block), the same product is computed as (W x^T)^T: the GEMM library then splits the
     long side across threads, measured 1.15-1.3x faster than x W^T for 128-384 rows of the 8B
     shapes (docs/PERFORMANCE.md). The result is a transposed view; element-wise ops keep that
-    layout and a following `frozen_linear` reads it without a copy.
+    layout and a following `frozen_linear` reads it without a copy. A layer with forward
+    hooks (accelerate's device hooks, a user's) is called as a module, so they run.
     """
     weight = layer.weight
     plain = type(layer) is torch.nn.Linear and x.device.type == "cpu" and x.dim() == 2
-    if not plain or weight.dtype != x.dtype or x.shape[0] >= weight.shape[0]:
+    if not plain or has_hooks(layer) or weight.dtype != x.dtype or x.shape[0] >= weight.shape[0]:
         return layer(x)
     y = torch.mm(weight, x.t()).t()  # (n, out), column-major
     return y if layer.bias is None else y + layer.bias
+
+
+def has_hooks(module: torch.nn.Module) -> bool:
+    """Whether calling `module` would run more than its forward: its own forward (pre-)hooks,
+    accelerate's `_hf_hook`, or global module hooks."""
+    return bool(
+        module._forward_hooks
+        or module._forward_pre_hooks
+        or hasattr(module, "_hf_hook")
+        or torch.nn.modules.module._global_forward_hooks
+        or torch.nn.modules.module._global_forward_pre_hooks
+    )
 
 
 def scatter_channels(y_kept: torch.Tensor, cols: torch.Tensor, width: int) -> torch.Tensor:
