@@ -117,11 +117,12 @@ def test_autocast_bfloat16_gradients_come_back_in_the_input_dtype():
     torch.testing.assert_close(gx, gx_ref, rtol=2e-2, atol=2e-2)
 
 
-@pytest.mark.parametrize("rows", [3, 40])
+@pytest.mark.parametrize("rows", [3, 20, 40])
 @pytest.mark.parametrize("with_bias", [False, True])
 def test_frozen_linear_equals_the_layer_in_either_orientation(rows, with_bias):
-    """Fewer rows than output channels: computed as (W x^T)^T (a transposed result); more: the
-    layer itself. Output and input gradient equal the layer's either way."""
+    """From TRANSPOSED_MIN_ROWS (16) rows up to fewer than the output channels (24): computed
+    as (W x^T)^T (a transposed result); fewer or more rows: the layer itself. Output and input
+    gradient equal the layer's either way."""
     torch.manual_seed(4)
     layer = torch.nn.Linear(16, 24, bias=with_bias).requires_grad_(False)
     x = torch.randn(rows, 16, requires_grad=True)
@@ -133,7 +134,7 @@ def test_frozen_linear_equals_the_layer_in_either_orientation(rows, with_bias):
     (gx_ref,) = torch.autograd.grad(y_ref, x_ref, grad)
     torch.testing.assert_close(y, y_ref)
     torch.testing.assert_close(gx, gx_ref)
-    assert y.is_contiguous() == (rows >= 24)  # the transposed product only for few rows
+    assert y.is_contiguous() == (rows != 20)  # the transposed product only for 16 <= rows < 24
 
 
 def test_frozen_linear_calls_a_hooked_layer_as_a_module():
@@ -141,5 +142,5 @@ def test_frozen_linear_calls_a_hooked_layer_as_a_module():
     layer = torch.nn.Linear(16, 24).requires_grad_(False)
     calls = []
     layer.register_forward_pre_hook(lambda module, args: calls.append(args[0].shape[0]))
-    y = frozen_linear(torch.randn(3, 16), layer)
-    assert calls == [3] and y.is_contiguous()
+    y = frozen_linear(torch.randn(20, 16), layer)
+    assert calls == [20] and y.is_contiguous()

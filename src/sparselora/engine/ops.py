@@ -178,19 +178,25 @@ def cols_linear(
     return _sliced(x_kept, ((weight, cols),), bias, 1)
 
 
+TRANSPOSED_MIN_ROWS = 16  # below it (x W^T)'s backward through (W x^T)^T measured 2.2x slower
+
+
 def frozen_linear(x: torch.Tensor, layer: torch.nn.Module) -> torch.Tensor:
     """x (n, in) -> (n, out) through the whole frozen `layer` (nn.Linear or 4-bit): `layer(x)`.
 
-    On CPU, a float weight and fewer rows than output channels (the dense answer tokens of a
-    sparse block), the same product is computed as (W x^T)^T: the GEMM library then splits the
-    long side across threads, measured 1.15-1.3x faster than x W^T for 128-384 rows of the 8B
-    shapes (docs/PERFORMANCE.md). The result is a transposed view; element-wise ops keep that
+    On CPU, a float weight and fewer rows than output channels but at least
+    `TRANSPOSED_MIN_ROWS` (the dense answer tokens of a sparse block), the same product is
+    computed as (W x^T)^T: the GEMM library then splits the long side across threads, measured
+    1.15-1.3x faster than x W^T for 16-256 rows of the 8B FFN shapes, but 2.2x slower for 3
+    rows, forward and backward (docs/PERFORMANCE.md). The result is a transposed view; element-wise ops keep that
     layout and a following `frozen_linear` reads it without a copy. A layer with forward
     hooks (accelerate's device hooks, a user's) is called as a module, so they run.
     """
     weight = layer.weight
     plain = type(layer) is torch.nn.Linear and x.device.type == "cpu" and x.dim() == 2
-    if not plain or has_hooks(layer) or weight.dtype != x.dtype or x.shape[0] >= weight.shape[0]:
+    if not plain or has_hooks(layer) or weight.dtype != x.dtype:
+        return layer(x)
+    if not TRANSPOSED_MIN_ROWS <= x.shape[0] < weight.shape[0]:
         return layer(x)
     y = torch.mm(weight, x.t()).t()  # (n, out), column-major
     return y if layer.bias is None else y + layer.bias
