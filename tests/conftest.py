@@ -21,6 +21,15 @@ ATTN = ["q_proj", "k_proj", "v_proj", "o_proj"]
 MLP = ["gate_proj", "up_proj", "down_proj"]
 # Exact savings off: full logits come back, so channel-sparsity tests can compare every position.
 CHANNELS_ONLY = {"labelled_logits": False, "skip_unread_last_layer": False}
+# The exact-savings tests' configs: no channel sparsity, and sparse layers around the savings.
+NO_SPARSITY = {"ffn_sparsity": {}, "attn_sparsity": {}}
+SAVINGS_SPARSE = {
+    "ffn_sparsity": {"0-2": 0.5},
+    "attn_sparsity": {"1-2": 0.5},
+    "estimator": "svd",
+    "ffn_criterion": "per_token",
+    "start_step": 0.0,
+}
 
 
 def tiny_llama(

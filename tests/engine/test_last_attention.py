@@ -21,7 +21,18 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import ATTN, CHANNELS_ONLY, MLP, lora_model, make_batch, tiny_llama
+from conftest import (
+    ATTN,
+    CHANNELS_ONLY,
+    MLP,
+    NO_SPARSITY,
+    lora_model,
+    make_batch,
+    tiny_llama,
+)
+from conftest import (
+    SAVINGS_SPARSE as SPARSE,
+)
 from reference import rel_err
 from transformers import (
     AttentionInterface,
@@ -40,14 +51,6 @@ from sparselora.engine.attention import READ_ROWS
 
 EXACT = 1e-6
 LENGTH = 12
-NO_SPARSITY = {"ffn_sparsity": {}, "attn_sparsity": {}}
-SPARSE = {
-    "ffn_sparsity": {"0-2": 0.5},
-    "attn_sparsity": {"1-2": 0.5},
-    "estimator": "svd",
-    "ffn_criterion": "per_token",
-    "start_step": 0.0,
-}
 WINDOWED = ["sliding_attention", "full_attention", "sliding_attention"]  # window 4 < 12
 
 

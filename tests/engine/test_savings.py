@@ -7,21 +7,24 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import ATTN, CHANNELS_ONLY, MLP, lora_model, make_batch, tiny_llama
+from conftest import (
+    ATTN,
+    CHANNELS_ONLY,
+    MLP,
+    NO_SPARSITY,
+    lora_model,
+    make_batch,
+    tiny_llama,
+)
+from conftest import (
+    SAVINGS_SPARSE as SPARSE,
+)
 from reference import rel_err
 
 from sparselora import SparseLoRAConfig, apply_sparselora
 from sparselora.engine.state import output_positions
 
 EXACT = 2e-6
-NO_SPARSITY = {"ffn_sparsity": {}, "attn_sparsity": {}}
-SPARSE = {
-    "ffn_sparsity": {"0-2": 0.5},
-    "attn_sparsity": {"1-2": 0.5},
-    "estimator": "svd",
-    "ffn_criterion": "per_token",
-    "start_step": 0.0,
-}
 
 
 def loss_and_grads(model, batch, **extra):
