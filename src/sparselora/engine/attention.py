@@ -54,14 +54,10 @@ _INSTALLED: weakref.WeakKeyDictionary[nn.Module, ReadRowsAttention] = weakref.We
 
 
 def read_rows_attention(
-    module: nn.Module,
-    query: torch.Tensor,
-    key: torch.Tensor,
-    value: torch.Tensor,
-    attention_mask: torch.Tensor | None,
-    **kwargs,
+    module: nn.Module, *args, **kwargs
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """The attention function registered as `READ_ROWS`: `module`'s installed core."""
+    """The attention function registered as `READ_ROWS`: `module`'s installed core
+    (`ReadRowsAttention.__call__`, same arguments)."""
     core = _INSTALLED.get(module)
     if core is None:
         raise RuntimeError(
@@ -69,7 +65,7 @@ def read_rows_attention(
             "but no SparseLoRA handle is installed on it (a copy of a model with SparseLoRA "
             "applied?): call handle.remove() before copying the model"
         )
-    return core(module, query, key, value, attention_mask, **kwargs)
+    return core(module, *args, **kwargs)
 
 
 def read_rows_core(context: ForwardContext, modules: BlockModules) -> ReadRowsAttention | None:

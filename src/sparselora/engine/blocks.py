@@ -255,12 +255,11 @@ class SparseBlock:
     def _dense_mlp(self, xd: torch.Tensor) -> torch.Tensor:
         """xd: (n, H) -> (n, H), the whole MLP for the dense tokens as the original module
         computes it, with each frozen GEMM through `ops.frozen_linear`."""
-        m = self.modules
-        gate, up, down = (base_linear(m.projection(p)) for p in FFN_PROJECTIONS)
-        g = plus_adapters(self.gate.module, ops.frozen_linear(xd, gate), xd)
-        u = plus_adapters(self.up.module, ops.frozen_linear(xd, up), xd)
-        h = m.act(g) * u
-        return plus_adapters(m.down, ops.frozen_linear(h, down), h)
+        gate, up, down = self._ffn_modules
+        g = plus_adapters(gate, ops.frozen_linear(xd, base_linear(gate)), xd)
+        u = plus_adapters(up, ops.frozen_linear(xd, base_linear(up)), xd)
+        h = self.modules.act(g) * u
+        return plus_adapters(down, ops.frozen_linear(h, base_linear(down)), h)
 
     def _gate_up(
         self, xs: torch.Tensor, keep: torch.Tensor, dense_lora: bool
@@ -462,9 +461,7 @@ def _rows_output(
     those rows only, or with `dense_lora` (n, out), zeros at the other rows plus the full delta."""
     base = base_linear(module)
     y = ops.rows_linear(xs, frozen_weight(base), base.bias, rows)  # (n, k)
-    if not dense_lora:
-        return plus_adapters(module, y, xs, rows=rows)
-    return plus_adapters(module, y, xs, rows=rows, full_width=True)
+    return plus_adapters(module, y, xs, rows=rows, full_width=dense_lora)
 
 
 def _group_by_module(modules: BlockModules) -> dict[str, tuple[tuple[str, Rows], ...]]:

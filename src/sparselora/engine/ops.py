@@ -36,8 +36,7 @@ def gather_rows(parts: tuple, dtype: torch.dtype) -> torch.Tensor:
     if len(parts) == 1 and isinstance(parts[0][0], Weight4bit):
         weight, rows = parts[0]
         return weight.kept(0, rows, dtype)
-    first = parts[0][0]
-    width = first.shape[1]
+    width = parts[0][0].shape[1]
     total = sum(rows.numel() for _, rows in parts)
     key = (parts[0][1].device, dtype, threading.get_ident())
     buffer = _SCRATCH.get(key)
@@ -188,9 +187,10 @@ def frozen_linear(x: torch.Tensor, layer: torch.nn.Module) -> torch.Tensor:
     `TRANSPOSED_MIN_ROWS` (the dense answer tokens of a sparse block), the same product is
     computed as (W x^T)^T: the GEMM library then splits the long side across threads, measured
     1.15-1.3x faster than x W^T for 16-256 rows of the 8B FFN shapes, but 2.2x slower for 3
-    rows, forward and backward (docs/PERFORMANCE.md). The result is a transposed view; element-wise ops keep that
-    layout and a following `frozen_linear` reads it without a copy. A layer with forward
-    hooks (accelerate's device hooks, a user's) is called as a module, so they run.
+    rows, forward and backward (docs/PERFORMANCE.md). The result is a transposed view;
+    element-wise ops keep that layout and a following `frozen_linear` reads it without a copy.
+    A layer with forward hooks (accelerate's device hooks, a user's) is called as a module, so
+    they run.
     """
     weight = layer.weight
     plain = type(layer) is torch.nn.Linear and x.device.type == "cpu" and x.dim() == 2
