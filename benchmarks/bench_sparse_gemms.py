@@ -8,7 +8,9 @@ FFN (frozen gate, up, down; no LoRA on the MLP, the paper's setting)
   split:        per token set: sparse tokens through the kept channels (gate and up as two
                 sliced GEMMs), dense tokens through the whole FFN, merged by a row permutation
   split+stack:  the same, gate and up as ONE sliced GEMM over their stacked kept rows
-  split+stack+T: and the dense tokens' GEMMs through `ops.frozen_linear` ((W x^T)^T on CPU)
+  split+stack+Tf: and the dense tokens' GEMMs as (W x^T)^T, autograd's own backward (the
+                layout of the first `ops.frozen_linear`)
+  split+stack+T: and through `ops.frozen_linear` as it is: backward as (W^T g^T)^T too
   all+rest:     kept channels for ALL tokens in one GEMM (gate and up stacked), the remaining
                 channels for the dense tokens only; no permutation, but the remaining rows of
                 each weight are gathered (most of the weight at high sparsity)
@@ -16,6 +18,8 @@ Attention projection (frozen q_proj with LoRA r on every token)
   split:        sparse tokens: kept rows + LoRA; dense tokens: the whole module + LoRA; merged
   split+lora1:  the frozen part per token set, the LoRA branch once over all tokens
   split+lora1+T: and the dense tokens' GEMM through `ops.frozen_linear`
+  split+T:      split, with the dense tokens' frozen GEMM through `ops.frozen_linear` (the
+                engine's layout since the transposed backward)
   all+rest:     kept rows for all tokens, remaining rows for the dense tokens, LoRA once
 
 Variants run interleaved (V1 V2 V3 V3 V2 V1 ...), medians and paired ratios against `split`.
@@ -39,12 +43,26 @@ MODELS = {  # hidden, intermediate, q width, kept FFN, kept q, tokens, dense tok
     "llama3-8b": (4096, 14336, 4096, 143, 1024, 512, 128),  # llama3-8b-math10k, math shape
     "llama3-8b-csr": (4096, 14336, 4096, 430, 3276, 512, 3),  # llama3-8b-csr, commonsense
     "smollm2-135m": (576, 1536, 576, 153, 288, 2048, 512),
+    "tiny": (64, 96, 64, 12, 32, 64, 20),  # the test's: every layout at least 16 dense rows
 }
 
 
 def rel_err(y: torch.Tensor, reference: torch.Tensor) -> float:
     """Relative L2 error: the variants compute the same values up to float rounding."""
     return float((y - reference).norm() / reference.norm())
+
+
+def check_variants(variants, x: torch.Tensor) -> None:
+    """Every variant's output and input gradient equal `split`'s up to float rounding."""
+    results = {}
+    for name, fn in variants.items():
+        xi = x.detach().requires_grad_(True)
+        y = fn(xi)
+        (grad,) = torch.autograd.grad(y, xi, torch.ones_like(y))
+        results[name] = (y.detach(), grad)
+    for name, (y, grad) in results.items():
+        assert rel_err(y, results["split"][0]) < 1e-5, f"{name}: output"
+        assert rel_err(grad, results["split"][1]) < 1e-5, f"{name}: input gradient"
 
 
 def token_sets(n: int, n_dense: int, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -76,6 +94,9 @@ def ffn_variants(w_gate, w_up, w_down, keep, rest, sparse_rows, dense_rows):
     def transposed_linear(x, weight):  # as the engine runs the dense tokens' GEMMs
         return ops.frozen_linear(x, layers[id(weight)])
 
+    def transposed_forward(x, weight):  # the first frozen_linear: autograd's backward of mm
+        return torch.mm(weight, x.t()).t()
+
     def split(x, stacked, linear=F.linear):
         xs, xd = x.index_select(0, sparse_rows), x.index_select(0, dense_rows)
         if stacked:
@@ -103,6 +124,7 @@ def ffn_variants(w_gate, w_up, w_down, keep, rest, sparse_rows, dense_rows):
     return {
         "split": lambda x: split(x, False),
         "split+stack": lambda x: split(x, True),
+        "split+stack+Tf": lambda x: split(x, True, transposed_forward),
         "split+stack+T": lambda x: split(x, True, transposed_linear),
         "all+rest": all_rest,
     }
@@ -126,6 +148,12 @@ def projection_variants(weight, lora_a, lora_b, keep, rest, sparse_rows, dense_r
         ys = ops.scatter_channels(ops.rows_linear(xs, weight, None, keep), keep, out)
         return merge(ys, ops.frozen_linear(xd, layer), sparse_rows, dense_rows) + lora(x)
 
+    def split_t(x):
+        xs, xd = x.index_select(0, sparse_rows), x.index_select(0, dense_rows)
+        ys = ops.scatter_channels(ops.rows_linear(xs, weight, None, keep), keep, out) + lora(xs)
+        yd = ops.frozen_linear(xd, layer) + lora(xd)
+        return merge(ys, yd, sparse_rows, dense_rows)
+
     def split_lora_once(x):
         xs, xd = x.index_select(0, sparse_rows), x.index_select(0, dense_rows)
         ys = ops.scatter_channels(ops.rows_linear(xs, weight, None, keep), keep, out)
@@ -141,6 +169,7 @@ def projection_variants(weight, lora_a, lora_b, keep, rest, sparse_rows, dense_r
         "split": split,
         "split+lora1": split_lora_once,
         "split+lora1+T": split_lora_once_t,
+        "split+T": split_t,
         "all+rest": all_rest,
     }
 
@@ -186,9 +215,7 @@ def main() -> None:
     perm = torch.randperm(inter)
     keep, rest = perm[:ffn_kept].sort().values, perm[ffn_kept:].sort().values
     ffn = ffn_variants(w_gate, w_up, w_down, keep, rest, sparse_rows, dense_rows)
-    check = {name: fn(x) for name, fn in ffn.items()}
-    for name, y in check.items():
-        assert rel_err(y.detach(), check["split"].detach()) < 1e-5, name
+    check_variants(ffn, x)
     print(f"{args.model}: {n} tokens ({n_dense} dense), {args.threads} threads, "
           f"{args.repeats} interleaved repeats")  # fmt: skip
     report(f"FFN, keep {ffn_kept}/{inter}", time_variants(ffn, x, args.repeats))
@@ -198,9 +225,7 @@ def main() -> None:
     perm = torch.randperm(q_width)
     keep, rest = perm[:q_kept].sort().values, perm[q_kept:].sort().values
     proj = projection_variants(w_q, lora_a, lora_b, keep, rest, sparse_rows, dense_rows)
-    check = {name: fn(x) for name, fn in proj.items()}
-    for name, y in check.items():
-        assert rel_err(y.detach(), check["split"].detach()) < 1e-5, name
+    check_variants(proj, x)
     report(f"q_proj + LoRA r32, keep {q_kept}/{q_width}", time_variants(proj, x, args.repeats))
 
 

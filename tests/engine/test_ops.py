@@ -135,6 +135,21 @@ def test_frozen_linear_equals_the_layer_in_either_orientation(rows, with_bias):
     torch.testing.assert_close(y, y_ref)
     torch.testing.assert_close(gx, gx_ref)
     assert y.is_contiguous() == (rows != 20)  # the transposed product only for 16 <= rows < 24
+    # ... and its backward too: (W^T g^T)^T, a transposed input gradient
+    assert gx.is_contiguous() == (rows != 20)
+
+
+def test_frozen_linear_still_gives_a_trainable_weight_its_gradient():
+    """A weight that requires grad (not frozen after all) goes through autograd's own product,
+    so it gets its gradient as the layer would give it."""
+    torch.manual_seed(5)
+    layer = torch.nn.Linear(16, 24, bias=False)
+    x = torch.randn(20, 16, requires_grad=True)
+    grad = torch.randn(20, 24)
+    gx, gw = torch.autograd.grad(frozen_linear(x, layer), (x, layer.weight), grad)
+    gx_ref, gw_ref = torch.autograd.grad(layer(x), (x, layer.weight), grad)
+    torch.testing.assert_close(gx, gx_ref)
+    torch.testing.assert_close(gw, gw_ref)
 
 
 def test_frozen_linear_calls_a_hooked_layer_as_a_module():

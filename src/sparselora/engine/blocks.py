@@ -186,7 +186,11 @@ class SparseBlock:
         if split.sparse_rows.numel():
             channels = self._kept(batch, x, name)
             y_sparse = sparse_fn(module, flat.index_select(0, split.sparse_rows), channels)
-        y_dense = original(flat.index_select(0, split.dense_rows), *args, **kwargs)
+        x_dense = flat.index_select(0, split.dense_rows)
+        if not args and not kwargs and _computable(module):
+            y_dense = plus_adapters(module, ops.frozen_linear(x_dense, base_linear(module)), x_dense)
+        else:
+            y_dense = original(x_dense, *args, **kwargs)
         self._record_skipped(batch, split, name)
         return split.merge(y_sparse, y_dense).view(*x.shape[:-1], -1)
 
@@ -245,12 +249,7 @@ class SparseBlock:
     def _own_dense_mlp(self) -> bool:
         """Whether `_dense_mlp` computes what the original MLP would: separate gate and up,
         plain LoRA (or none), and no module hooks that calling the modules would run."""
-        modules = self._ffn_modules
-        return (
-            self._unfused_mlp
-            and not any(map(dora_adapter, modules))
-            and not any(ops.has_hooks(m) or ops.has_hooks(base_linear(m)) for m in modules)
-        )
+        return self._unfused_mlp and all(map(_computable, self._ffn_modules))
 
     def _dense_mlp(self, xd: torch.Tensor) -> torch.Tensor:
         """xd: (n, H) -> (n, H), the whole MLP for the dense tokens as the original module
@@ -452,6 +451,14 @@ class SparseBlock:
             "v_proj": v,
             "o_proj": selection.kv_to_query_channels(v, nh, nkv, hd),
         }
+
+
+def _computable(module: torch.nn.Module) -> bool:
+    """Whether frozen base plus `plus_adapters` computes what calling `module` computes: plain
+    LoRA (or none) and no module hooks, which calling the module would run."""
+    return not (
+        dora_adapter(module) or ops.has_hooks(module) or ops.has_hooks(base_linear(module))
+    )
 
 
 def _rows_output(

@@ -198,8 +198,31 @@ def frozen_linear(x: torch.Tensor, layer: torch.nn.Module) -> torch.Tensor:
         return layer(x)
     if not TRANSPOSED_MIN_ROWS <= x.shape[0] < weight.shape[0]:
         return layer(x)
-    y = torch.mm(weight, x.t()).t()  # (n, out), column-major
+    if weight.requires_grad or not (torch.is_grad_enabled() and x.requires_grad):
+        y = torch.mm(weight, x.t()).t()  # (n, out), column-major
+    else:
+        y = TransposedLinear.apply(x, weight)
     return y if layer.bias is None else y + layer.bias
+
+
+class TransposedLinear(torch.autograd.Function):
+    """y = (W x^T)^T for a frozen W, gradient for x only, computed as (W^T g^T)^T.
+
+    Autograd's own backward of `mm(W, x.t())` matches the strides of x^T and multiplies
+    g (n, out) by W (out, in) with n rows; the transposed product again lets the GEMM library
+    split the long side (1.1-1.2x on the 8B FFN and attention shapes with 128 rows,
+    docs/PERFORMANCE.md). Saves only W (the Parameter itself), as autograd would.
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight):
+        ctx.save_for_backward(weight)
+        return torch.mm(weight, x.t()).t()  # (n, out), column-major
+
+    @staticmethod
+    def backward(ctx, grad):
+        (weight,) = ctx.saved_tensors
+        return torch.mm(weight.t(), grad.t()).t(), None  # (n, in), column-major
 
 
 def has_hooks(module: torch.nn.Module) -> bool:
