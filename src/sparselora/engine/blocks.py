@@ -188,7 +188,8 @@ class SparseBlock:
             y_sparse = sparse_fn(module, flat.index_select(0, split.sparse_rows), channels)
         x_dense = flat.index_select(0, split.dense_rows)
         if not args and not kwargs and _computable(module):
-            y_dense = plus_adapters(module, ops.frozen_linear(x_dense, base_linear(module)), x_dense)
+            y_dense = ops.frozen_linear(x_dense, base_linear(module))
+            y_dense = plus_adapters(module, y_dense, x_dense)
         else:
             y_dense = original(x_dense, *args, **kwargs)
         self._record_skipped(batch, split, name)
@@ -456,9 +457,7 @@ class SparseBlock:
 def _computable(module: torch.nn.Module) -> bool:
     """Whether frozen base plus `plus_adapters` computes what calling `module` computes: plain
     LoRA (or none) and no module hooks, which calling the module would run."""
-    return not (
-        dora_adapter(module) or ops.has_hooks(module) or ops.has_hooks(base_linear(module))
-    )
+    return not (dora_adapter(module) or ops.has_hooks(module) or ops.has_hooks(base_linear(module)))
 
 
 def _rows_output(
