@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 import torch.nn.functional as F
 
+from sparselora.engine import ops
 from sparselora.engine.ops import cols_linear, frozen_linear, rows_linear, stacked_rows_linear
 
 
@@ -159,3 +164,15 @@ def test_frozen_linear_calls_a_hooked_layer_as_a_module():
     layer.register_forward_pre_hook(lambda module, args: calls.append(args[0].shape[0]))
     y = frozen_linear(torch.randn(20, 16), layer)
     assert calls == [20] and y.is_contiguous()
+
+
+def test_transposed_gemms_can_be_turned_off(monkeypatch):
+    """SPARSELORA_TRANSPOSED_GEMMS=0 (read at import) runs every frozen GEMM as the layer."""
+    code = "from sparselora.engine import ops; print(ops.TRANSPOSED_GEMMS)"
+    for value, expected in (("0", "False"), ("1", "True")):
+        env = {**os.environ, "SPARSELORA_TRANSPOSED_GEMMS": value}
+        out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+        assert out.stdout.strip() == expected, out.stderr
+    monkeypatch.setattr(ops, "TRANSPOSED_GEMMS", False)
+    layer = torch.nn.Linear(16, 24).requires_grad_(False)
+    assert frozen_linear(torch.randn(20, 16), layer).is_contiguous()

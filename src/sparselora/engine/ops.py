@@ -15,6 +15,7 @@ features, k kept channels.
 
 from __future__ import annotations
 
+import os
 import threading
 
 import torch
@@ -178,6 +179,9 @@ def cols_linear(
 
 
 TRANSPOSED_MIN_ROWS = 16  # below it (x W^T)'s backward through (W x^T)^T measured 2.2x slower
+# SPARSELORA_TRANSPOSED_GEMMS=0 turns the transposed product off: a benchmark control, to tell
+# how much of a CPU speed-up is this GEMM-library effect rather than sparsity.
+TRANSPOSED_GEMMS = os.environ.get("SPARSELORA_TRANSPOSED_GEMMS", "1") != "0"
 
 
 def frozen_linear(x: torch.Tensor, layer: torch.nn.Module) -> torch.Tensor:
@@ -196,7 +200,7 @@ def frozen_linear(x: torch.Tensor, layer: torch.nn.Module) -> torch.Tensor:
     plain = type(layer) is torch.nn.Linear and x.device.type == "cpu" and x.dim() == 2
     if not plain or has_hooks(layer) or weight.dtype != x.dtype:
         return layer(x)
-    if not TRANSPOSED_MIN_ROWS <= x.shape[0] < weight.shape[0]:
+    if not (TRANSPOSED_GEMMS and TRANSPOSED_MIN_ROWS <= x.shape[0] < weight.shape[0]):
         return layer(x)
     if weight.requires_grad or not (torch.is_grad_enabled() and x.requires_grad):
         y = torch.mm(weight, x.t()).t()  # (n, out), column-major
