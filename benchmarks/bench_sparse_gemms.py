@@ -43,7 +43,7 @@ MODELS = {  # hidden, intermediate, q width, kept FFN, kept q, tokens, dense tok
     "llama3-8b": (4096, 14336, 4096, 143, 1024, 512, 128),  # llama3-8b-math10k, math shape
     "llama3-8b-csr": (4096, 14336, 4096, 430, 3276, 512, 3),  # llama3-8b-csr, commonsense
     "smollm2-135m": (576, 1536, 576, 153, 288, 2048, 512),
-    "tiny": (64, 96, 64, 12, 32, 64, 20),  # the test's: every layout at least 16 dense rows
+    "tiny": (128, 192, 128, 24, 64, 64, 20),  # the test's: 20 dense rows, 6-10 outputs per row
 }
 
 

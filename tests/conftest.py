@@ -73,15 +73,22 @@ def lora_model(model, targets=ATTN, seed: int = 1):
     return peft_model
 
 
-def make_batch(batch: int = 3, length: int = 12, padding: str | None = None, seed: int = 2):
-    """Random token ids; the last few tokens of each row are the output (labels != -100)."""
+def make_batch(
+    batch: int = 3,
+    length: int = 12,
+    padding: str | None = None,
+    seed: int = 2,
+    out_tokens: int | None = None,
+):
+    """Random token ids; the last few tokens of each row are the output (labels != -100):
+    3, 4, 5 ... in rows 0, 1, 2 ..., or `out_tokens` in every row."""
     generator = torch.Generator().manual_seed(seed)
     input_ids = torch.randint(3, 97, (batch, length), generator=generator)
     attention_mask = torch.ones(batch, length, dtype=torch.long)
     labels = torch.full((batch, length), -100)
     for row in range(batch):
         pad = 0 if padding is None else row * 2  # rows padded by 0, 2, 4 ... tokens
-        out = 3 + row
+        out = 3 + row if out_tokens is None else out_tokens
         if padding == "left":
             attention_mask[row, :pad] = 0
             input_ids[row, :pad] = 0

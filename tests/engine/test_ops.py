@@ -122,14 +122,14 @@ def test_autocast_bfloat16_gradients_come_back_in_the_input_dtype():
     torch.testing.assert_close(gx, gx_ref, rtol=2e-2, atol=2e-2)
 
 
-@pytest.mark.parametrize("rows", [3, 20, 40])
+@pytest.mark.parametrize("rows", [3, 20, 30])
 @pytest.mark.parametrize("with_bias", [False, True])
 def test_frozen_linear_equals_the_layer_in_either_orientation(rows, with_bias):
-    """From TRANSPOSED_MIN_ROWS (16) rows up to fewer than the output channels (24): computed
-    as (W x^T)^T (a transposed result); fewer or more rows: the layer itself. Output and input
-    gradient equal the layer's either way."""
+    """From TRANSPOSED_MIN_ROWS (16) rows, with at least 4 output channels (96) per row:
+    computed as (W x^T)^T, its input gradient as (W^T g^T)^T (transposed results); fewer rows
+    or fewer outputs per row: the layer itself. Output and input gradient equal the layer's."""
     torch.manual_seed(4)
-    layer = torch.nn.Linear(16, 24, bias=with_bias).requires_grad_(False)
+    layer = torch.nn.Linear(16, 96, bias=with_bias).requires_grad_(False)
     x = torch.randn(rows, 16, requires_grad=True)
     y = frozen_linear(x, layer)
     grad = torch.randn_like(y)
@@ -139,8 +139,7 @@ def test_frozen_linear_equals_the_layer_in_either_orientation(rows, with_bias):
     (gx_ref,) = torch.autograd.grad(y_ref, x_ref, grad)
     torch.testing.assert_close(y, y_ref)
     torch.testing.assert_close(gx, gx_ref)
-    assert y.is_contiguous() == (rows != 20)  # the transposed product only for 16 <= rows < 24
-    # ... and its backward too: (W^T g^T)^T, a transposed input gradient
+    assert y.is_contiguous() == (rows != 20)  # transposed only for 16 <= rows <= 96 / 4
     assert gx.is_contiguous() == (rows != 20)
 
 
@@ -148,9 +147,9 @@ def test_frozen_linear_still_gives_a_trainable_weight_its_gradient():
     """A weight that requires grad (not frozen after all) goes through autograd's own product,
     so it gets its gradient as the layer would give it."""
     torch.manual_seed(5)
-    layer = torch.nn.Linear(16, 24, bias=False)
+    layer = torch.nn.Linear(16, 96, bias=False)
     x = torch.randn(20, 16, requires_grad=True)
-    grad = torch.randn(20, 24)
+    grad = torch.randn(20, 96)
     gx, gw = torch.autograd.grad(frozen_linear(x, layer), (x, layer.weight), grad)
     gx_ref, gw_ref = torch.autograd.grad(layer(x), (x, layer.weight), grad)
     torch.testing.assert_close(gx, gx_ref)
@@ -159,7 +158,7 @@ def test_frozen_linear_still_gives_a_trainable_weight_its_gradient():
 
 def test_frozen_linear_calls_a_hooked_layer_as_a_module():
     """A layer with a forward hook (accelerate's device hooks, a user's) keeps running it."""
-    layer = torch.nn.Linear(16, 24).requires_grad_(False)
+    layer = torch.nn.Linear(16, 96).requires_grad_(False)
     calls = []
     layer.register_forward_pre_hook(lambda module, args: calls.append(args[0].shape[0]))
     y = frozen_linear(torch.randn(20, 16), layer)
@@ -173,6 +172,7 @@ def test_transposed_gemms_can_be_turned_off(monkeypatch):
         env = {**os.environ, "SPARSELORA_TRANSPOSED_GEMMS": value}
         out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
         assert out.stdout.strip() == expected, out.stderr
+    layer = torch.nn.Linear(16, 96).requires_grad_(False)
+    assert not frozen_linear(torch.randn(20, 16), layer).is_contiguous()
     monkeypatch.setattr(ops, "TRANSPOSED_GEMMS", False)
-    layer = torch.nn.Linear(16, 24).requires_grad_(False)
     assert frozen_linear(torch.randn(20, 16), layer).is_contiguous()

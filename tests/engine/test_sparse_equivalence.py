@@ -69,20 +69,20 @@ def test_sparse_matches_masked_dense_reference(case, padding):
 @pytest.mark.parametrize("padding", ["left", "right"])
 @pytest.mark.parametrize("case", ["gqa-mlp-lora", "gqa-bias", "mqa-mlp-lora-sparse-branch"])
 def test_dense_tokens_through_transposed_gemms_match_the_reference(case, padding, monkeypatch):
-    """18 dense tokens (4 rows with 3-6 answer tokens): from TRANSPOSED_MIN_ROWS (16) the dense
-    tokens' frozen GEMMs of the sparse FFN and attention projections run as (W x^T)^T and
-    their backward as (W^T g^T)^T (`ops.TransposedLinear`); still equal to the reference."""
+    """16 dense tokens (4 rows with 4 answer tokens): the dense tokens' frozen GEMMs with at
+    least 4 outputs per row (q, o: 64; gate, up: 96; down: 64) run as (W x^T)^T and their
+    backward as (W^T g^T)^T (`ops.TransposedLinear`); still equal to the reference."""
     calls = []
     apply = ops.TransposedLinear.apply
     monkeypatch.setattr(
         ops.TransposedLinear, "apply", lambda x, w: calls.append(w.shape) or apply(x, w)
     )
-    check_against_masked_dense(case, make_batch(batch=4, length=14, padding=padding))
-    # 3 sparse FFN layers x (gate, up, down) + 2 sparse attention layers x (q, k, v, o), each
-    # once in the sparse forward (the masked-dense reference runs the plain layers); with one
-    # KV head k and v have 16 outputs, fewer than the 18 rows: they stay on the layer.
-    per_attention = 2 if CASES[case]["kv_heads"] == 1 else 4
-    assert len(calls) == 3 * 3 + 2 * per_attention
+    batch = make_batch(batch=4, length=14, padding=padding, out_tokens=4)
+    check_against_masked_dense(case, batch)
+    # 3 sparse FFN layers x (gate, up, down) + 2 sparse attention layers x (q, o), each once
+    # in the sparse forward (the masked-dense reference runs the plain layers); k and v (8-32
+    # outputs) stay on the layer
+    assert len(calls) == 3 * 3 + 2 * 2
 
 
 def check_against_masked_dense(case: str, batch: dict) -> None:

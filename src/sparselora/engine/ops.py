@@ -179,6 +179,7 @@ def cols_linear(
 
 
 TRANSPOSED_MIN_ROWS = 16  # below it (x W^T)'s backward through (W x^T)^T measured 2.2x slower
+TRANSPOSED_MIN_RATIO = 4  # output channels per row from which the transposed product gains
 # SPARSELORA_TRANSPOSED_GEMMS=0 turns the transposed product off: a benchmark control, to tell
 # how much of a CPU speed-up is this GEMM-library effect rather than sparsity.
 TRANSPOSED_GEMMS = os.environ.get("SPARSELORA_TRANSPOSED_GEMMS", "1") != "0"
@@ -187,11 +188,13 @@ TRANSPOSED_GEMMS = os.environ.get("SPARSELORA_TRANSPOSED_GEMMS", "1") != "0"
 def frozen_linear(x: torch.Tensor, layer: torch.nn.Module) -> torch.Tensor:
     """x (n, in) -> (n, out) through the whole frozen `layer` (nn.Linear or 4-bit): `layer(x)`.
 
-    On CPU, a float weight and fewer rows than output channels but at least
-    `TRANSPOSED_MIN_ROWS` (the dense answer tokens of a sparse block), the same product is
-    computed as (W x^T)^T: the GEMM library then splits the long side across threads, measured
-    1.15-1.3x faster than x W^T for 16-256 rows of the 8B FFN shapes, but 2.2x slower for 3
-    rows, forward and backward (docs/PERFORMANCE.md). The result is a transposed view;
+    On CPU, with a float weight, at least `TRANSPOSED_MIN_ROWS` rows and at least
+    `TRANSPOSED_MIN_RATIO` times as many output channels as rows (the dense answer tokens of a
+    sparse block, the LM head on read positions), the same product is computed as (W x^T)^T,
+    and its input gradient as (W^T g^T)^T: the GEMM library then splits the long side across
+    threads. Measured (docs/PERFORMANCE.md): 1.15-1.3x faster than x W^T for 16-512 rows of
+    the 8B FFN and attention shapes (8-112 outputs per row), but 2.2x slower for 3 rows and
+    0.95-1.0x on SmolLM2's shapes (1.1-3 outputs per row). The result is a transposed view;
     element-wise ops keep that layout and a following `frozen_linear` reads it without a copy.
     A layer with forward hooks (accelerate's device hooks, a user's) is called as a module, so
     they run.
@@ -200,7 +203,9 @@ def frozen_linear(x: torch.Tensor, layer: torch.nn.Module) -> torch.Tensor:
     plain = type(layer) is torch.nn.Linear and x.device.type == "cpu" and x.dim() == 2
     if not plain or has_hooks(layer) or weight.dtype != x.dtype:
         return layer(x)
-    if not (TRANSPOSED_GEMMS and TRANSPOSED_MIN_ROWS <= x.shape[0] < weight.shape[0]):
+    rows = x.shape[0]
+    long_side = TRANSPOSED_MIN_ROWS <= rows and rows * TRANSPOSED_MIN_RATIO <= weight.shape[0]
+    if not (TRANSPOSED_GEMMS and long_side):
         return layer(x)
     if weight.requires_grad or not (torch.is_grad_enabled() and x.requires_grad):
         y = torch.mm(weight, x.t()).t()  # (n, out), column-major
