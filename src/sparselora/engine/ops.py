@@ -204,7 +204,7 @@ def frozen_linear(x: torch.Tensor, layer: torch.nn.Module) -> torch.Tensor:
     if not plain or has_hooks(layer) or weight.dtype != x.dtype:
         return layer(x)
     rows = x.shape[0]
-    long_side = TRANSPOSED_MIN_ROWS <= rows and rows * TRANSPOSED_MIN_RATIO <= weight.shape[0]
+    long_side = rows >= TRANSPOSED_MIN_ROWS and rows * TRANSPOSED_MIN_RATIO <= weight.shape[0]
     if not (TRANSPOSED_GEMMS and long_side):
         return layer(x)
     if weight.requires_grad or not (torch.is_grad_enabled() and x.requires_grad):
