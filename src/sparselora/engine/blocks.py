@@ -455,9 +455,13 @@ class SparseBlock:
 
 
 def _computable(module: torch.nn.Module) -> bool:
-    """Whether frozen base plus `plus_adapters` computes what calling `module` computes: plain
-    LoRA (or none) and no module hooks, which calling the module would run."""
-    return not (dora_adapter(module) or ops.has_hooks(module) or ops.has_hooks(base_linear(module)))
+    """Whether frozen base plus `plus_adapters` computes what calling `module` computes: a float
+    nn.Linear base (a 4-bit one keeps PEFT's own casts), plain LoRA (or none), and no module
+    hooks, which calling the module would run."""
+    base = base_linear(module)
+    return type(base) is torch.nn.Linear and not (
+        dora_adapter(module) or ops.has_hooks(module) or ops.has_hooks(base)
+    )
 
 
 def _rows_output(
