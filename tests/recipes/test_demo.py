@@ -7,6 +7,8 @@ from __future__ import annotations
 import json
 import multiprocessing
 import os
+import signal
+import subprocess
 import sys
 import threading
 import time
@@ -262,3 +264,35 @@ def test_each_training_gets_its_role_in_one_shared_turn_folder(tmp_path, monkeyp
     assert lora["folder"] == sparse["folder"] and Path(lora["folder"]).parent == tmp_path
     assert lora_command[3:5] == ["train", "--overwrite"]
     assert "training.method=sparselora" in sparse_command
+
+
+def test_sigterm_stops_the_trainings_and_removes_the_turn_folder(tmp_path):
+    """`kill` on the demo (SIGTERM, not Ctrl-C): its trainings are killed and reaped, the
+    `.turns-*` folder is removed, and the demo exits with 143."""
+    pid_file = tmp_path / "training.pid"
+    script = f"""
+import os, sys
+from pathlib import Path
+from sparselora.recipes import demo
+sleeper = ("import os, time; open({str(pid_file)!r} + '.' + os.environ['NAME'], 'w')"
+           ".write(str(os.getpid())); time.sleep(60)")
+def command(method, root, args):
+    os.environ["NAME"] = method
+    return [sys.executable, "-c", sleeper]
+demo.train_command = command
+demo.train_both(Path({str(tmp_path)!r}), demo.DemoConfig())
+"""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    parent = subprocess.Popen([sys.executable, "-c", script], env=env)
+    pids = [Path(f"{pid_file}.{method}") for method in ("lora", "sparselora")]
+    deadline = time.monotonic() + 30
+    while not all(p.exists() and p.read_text() for p in pids):
+        assert time.monotonic() < deadline and parent.poll() is None, "trainings did not start"
+        time.sleep(0.05)
+    assert list(tmp_path.glob(".turns-*"))  # the turn folder exists while they run
+    parent.send_signal(signal.SIGTERM)
+    assert parent.wait(timeout=20) == 143
+    for pid in pids:
+        with pytest.raises(ProcessLookupError):  # killed and reaped
+            os.kill(int(pid.read_text()), 0)
+    assert not list(tmp_path.glob(".turns-*"))

@@ -17,16 +17,19 @@ is written to RUN_ROOT/comparison.md. Each training's output goes to RUN_ROOT/tr
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
 import os
+import signal
 import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -99,7 +102,7 @@ def train_both(root: Path, args: DemoConfig, progress: bool = False) -> dict[str
     Raises ChildProcessError when a training fails (the others are stopped)."""
     root.mkdir(parents=True, exist_ok=True)
     total_turns = len(METHODS) * math.ceil(args.steps / args.block)
-    with tempfile.TemporaryDirectory(prefix=".turns-", dir=root) as folder:
+    with sigterm_unwinds(), tempfile.TemporaryDirectory(prefix=".turns-", dir=root) as folder:
         commands, envs, logs = {}, {}, {}
         for role, method in enumerate(METHODS):
             commands[method] = train_command(method, root, args)
@@ -120,6 +123,25 @@ def train_both(root: Path, args: DemoConfig, progress: bool = False) -> dict[str
 
             run_together(commands, envs, logs, tick)
     return {m: json.loads((root / m / "summary.json").read_text()) for m in METHODS}
+
+
+@contextlib.contextmanager
+def sigterm_unwinds() -> Iterator[None]:
+    """Within the block, SIGTERM (`kill`, a job scheduler) raises SystemExit(143) instead of
+    ending the process at once, so `finally` blocks run: the trainings are stopped and the turn
+    folder removed, as on Ctrl-C. Only the main thread can take signals; elsewhere a no-op."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def stop(signum: int, frame) -> None:
+        raise SystemExit(128 + signum)
+
+    previous = signal.signal(signal.SIGTERM, stop)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def run_together(
