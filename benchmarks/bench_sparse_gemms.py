@@ -20,6 +20,8 @@ Attention projection (frozen q_proj with LoRA r on every token)
   split+lora1+T: and the dense tokens' GEMM through `ops.frozen_linear`
   split+T:      split, with the dense tokens' frozen GEMM through `ops.frozen_linear` (the
                 engine's layout since the transposed backward)
+  split+T+add:  and the sparse tokens' kept rows added into their LoRA delta (index_add)
+                instead of scattered into zeros and then added
   all+rest:     kept rows for all tokens, remaining rows for the dense tokens, LoRA once
 
 Variants run interleaved (V1 V2 V3 V3 V2 V1 ...), medians and paired ratios against `split`.
@@ -154,6 +156,12 @@ def projection_variants(weight, lora_a, lora_b, keep, rest, sparse_rows, dense_r
         yd = ops.frozen_linear(xd, layer) + lora(xd)
         return merge(ys, yd, sparse_rows, dense_rows)
 
+    def split_t_index_add(x):  # the kept rows added into the LoRA delta: no zeros, one pass less
+        xs, xd = x.index_select(0, sparse_rows), x.index_select(0, dense_rows)
+        ys = lora(xs).index_add(1, keep, ops.rows_linear(xs, weight, None, keep))
+        yd = ops.frozen_linear(xd, layer) + lora(xd)
+        return merge(ys, yd, sparse_rows, dense_rows)
+
     def split_lora_once(x):
         xs, xd = x.index_select(0, sparse_rows), x.index_select(0, dense_rows)
         ys = ops.scatter_channels(ops.rows_linear(xs, weight, None, keep), keep, out)
@@ -170,6 +178,7 @@ def projection_variants(weight, lora_a, lora_b, keep, rest, sparse_rows, dense_r
         "split+lora1": split_lora_once,
         "split+lora1+T": split_lora_once_t,
         "split+T": split_t,
+        "split+T+add": split_t_index_add,
         "all+rest": all_rest,
     }
 
