@@ -29,7 +29,14 @@ def test_every_layout_is_checked_and_timed(monkeypatch, capsys):
     monkeypatch.setattr(sys, "argv", argv)
     bench.main()
     out = capsys.readouterr().out
-    for name in ("split+stack", "split+stack+Tf", "split+stack+T", "all+rest", "split+T"):
+    for name in (
+        "split+stack",
+        "split+stack+Tf",
+        "split+stack+T",
+        "all+rest",
+        "split+T",
+        "split+T+add",
+    ):
         assert f"| {name} |" in out
     assert calls  # the 20 dense rows go through ops.TransposedLinear
 
