@@ -139,33 +139,27 @@ def projection_variants(weight, lora_a, lora_b, keep, rest, sparse_rows, dense_r
     def lora(x):
         return F.linear(F.linear(x, lora_a), lora_b) * 2.0
 
-    def split(x):
-        xs, xd = x.index_select(0, sparse_rows), x.index_select(0, dense_rows)
-        ys = ops.scatter_channels(ops.rows_linear(xs, weight, None, keep), keep, out) + lora(xs)
-        yd = F.linear(xd, weight) + lora(xd)
-        return merge(ys, yd, sparse_rows, dense_rows)
+    def plain(xd):
+        return F.linear(xd, weight)
 
-    def split_lora_once_t(x):
+    def transposed(xd):
+        return ops.frozen_linear(xd, layer)
+
+    def split(x, dense=plain, add_into_delta=False):
+        """LoRA per token set; the sparse tokens' kept rows scattered into zeros and added to
+        their delta, or (`add_into_delta`) index_added into it: no zeros, one pass less."""
+        xs, xd = x.index_select(0, sparse_rows), x.index_select(0, dense_rows)
+        kept = ops.rows_linear(xs, weight, None, keep)
+        if add_into_delta:
+            ys = lora(xs).index_add(1, keep, kept)
+        else:
+            ys = ops.scatter_channels(kept, keep, out) + lora(xs)
+        return merge(ys, dense(xd) + lora(xd), sparse_rows, dense_rows)
+
+    def split_lora_once(x, dense=plain):
         xs, xd = x.index_select(0, sparse_rows), x.index_select(0, dense_rows)
         ys = ops.scatter_channels(ops.rows_linear(xs, weight, None, keep), keep, out)
-        return merge(ys, ops.frozen_linear(xd, layer), sparse_rows, dense_rows) + lora(x)
-
-    def split_t(x):
-        xs, xd = x.index_select(0, sparse_rows), x.index_select(0, dense_rows)
-        ys = ops.scatter_channels(ops.rows_linear(xs, weight, None, keep), keep, out) + lora(xs)
-        yd = ops.frozen_linear(xd, layer) + lora(xd)
-        return merge(ys, yd, sparse_rows, dense_rows)
-
-    def split_t_index_add(x):  # the kept rows added into the LoRA delta: no zeros, one pass less
-        xs, xd = x.index_select(0, sparse_rows), x.index_select(0, dense_rows)
-        ys = lora(xs).index_add(1, keep, ops.rows_linear(xs, weight, None, keep))
-        yd = ops.frozen_linear(xd, layer) + lora(xd)
-        return merge(ys, yd, sparse_rows, dense_rows)
-
-    def split_lora_once(x):
-        xs, xd = x.index_select(0, sparse_rows), x.index_select(0, dense_rows)
-        ys = ops.scatter_channels(ops.rows_linear(xs, weight, None, keep), keep, out)
-        return merge(ys, F.linear(xd, weight), sparse_rows, dense_rows) + lora(x)
+        return merge(ys, dense(xd), sparse_rows, dense_rows) + lora(x)
 
     def all_rest(x):
         y = ops.scatter_channels(ops.rows_linear(x, weight, None, keep), keep, out)
@@ -176,9 +170,9 @@ def projection_variants(weight, lora_a, lora_b, keep, rest, sparse_rows, dense_r
     return {
         "split": split,
         "split+lora1": split_lora_once,
-        "split+lora1+T": split_lora_once_t,
-        "split+T": split_t,
-        "split+T+add": split_t_index_add,
+        "split+lora1+T": lambda x: split_lora_once(x, transposed),
+        "split+T": lambda x: split(x, transposed),
+        "split+T+add": lambda x: split(x, transposed, add_into_delta=True),
         "all+rest": all_rest,
     }
 

@@ -207,10 +207,8 @@ def frozen_linear(x: torch.Tensor, layer: torch.nn.Module) -> torch.Tensor:
     long_side = rows >= TRANSPOSED_MIN_ROWS and rows * TRANSPOSED_MIN_RATIO <= weight.shape[0]
     if not (TRANSPOSED_GEMMS and long_side):
         return layer(x)
-    if weight.requires_grad or not (torch.is_grad_enabled() and x.requires_grad):
-        y = torch.mm(weight, x.t()).t()  # (n, out), column-major
-    else:
-        y = TransposedLinear.apply(x, weight)
+    # (n, out), column-major; a weight not frozen after all gets its gradient from autograd's mm
+    y = torch.mm(weight, x.t()).t() if weight.requires_grad else TransposedLinear.apply(x, weight)
     return y if layer.bias is None else y + layer.bias
 
 
