@@ -33,6 +33,11 @@ def main() -> None:
         action="store_true",
         help="also list every matmul shape with its time and GFLOP/s",
     )
+    parser.add_argument(
+        "--by-shape",
+        action="store_true",
+        help="also list the top non-matmul operators per input shape",
+    )
     parser.add_argument("--part", help="only the layer part with this label, e.g. 'dense'")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -59,6 +64,8 @@ def main() -> None:
                 print(f"  {event.self_cpu_time_total / 1e3:9.1f} ms  {event.count:5d}  {event.key}")
             if args.gemm_shapes:
                 print_gemm_shapes(prof)
+            if args.by_shape:
+                print_op_shapes(prof, args.top)
     model.remove()
 
 
@@ -75,6 +82,20 @@ def print_gemm_shapes(prof) -> None:
     print(f"  matmul shapes ({sum(r[0] for r in rows):.0f} ms):")
     for ms, count, shape, gflops in sorted(rows, reverse=True):
         print(f"  {ms:9.1f} ms  {count:5d}  {shape:26s} {gflops:5.0f} GFLOP/s")
+
+
+def print_op_shapes(prof, top: int) -> None:
+    """The non-matmul operators with the most self time, one row per input shape."""
+    events = [
+        e
+        for e in prof.key_averages(group_by_input_shape=True)
+        if e.key.startswith("aten::") and e.key != "aten::mm"
+    ]
+    print("  other operators by input shape:")
+    for event in sorted(events, key=lambda e: -e.self_cpu_time_total)[:top]:
+        shapes = ", ".join("x".join(map(str, s)) for s in event.input_shapes if s)
+        ms = event.self_cpu_time_total / 1e3
+        print(f"  {ms:9.1f} ms  {event.count:5d}  {event.key:28s} {shapes}")
 
 
 if __name__ == "__main__":

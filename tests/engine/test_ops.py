@@ -143,6 +143,56 @@ def test_frozen_linear_equals_the_layer_in_either_orientation(rows, with_bias):
     assert gx.is_contiguous() == (rows != 20)
 
 
+@pytest.mark.parametrize(
+    "out,block",
+    [(96, 16), (100, 16), (40, 16), (20, 16), (300, 4)],  # whole blocks, a tail, 2, 1, capped
+)
+@pytest.mark.parametrize("transposed", [False, True])
+def test_blocked_input_grad_equals_grad_times_weight(out, block, transposed, monkeypatch):
+    """Sum over row blocks of W (with the rows past the last whole block, with at most
+    GRAD_MAX_BLOCKS blocks, with fewer than 2 blocks as one product) is grad @ W, for a
+    contiguous gradient and for the column-major one a transposed product returns."""
+    monkeypatch.setattr(ops, "GRAD_BLOCK_ROWS", block)
+    monkeypatch.setattr(ops, "GRAD_MAX_BLOCKS", 8)
+    torch.manual_seed(6)
+    weight = torch.randn(out, 12)
+    grad = torch.randn(out, 3).t() if transposed else torch.randn(3, out)
+    torch.testing.assert_close(ops.blocked_input_grad(grad, weight), grad @ weight)
+
+
+@pytest.mark.parametrize("rows", [1, 3, 31, 32])
+def test_frozen_linear_on_a_large_weight_with_few_rows(rows, monkeypatch):
+    """Fewer than SKINNY_ROWS (32) rows on a weight of at least SKINNY_MIN_WEIGHT elements
+    (lowered here to this 96 x 16 one): (W x^T)^T with the row-blocked input gradient, equal
+    to the layer's; 32 rows is below 4 outputs per row and stays on the layer."""
+    monkeypatch.setattr(ops, "SKINNY_MIN_WEIGHT", 96 * 16)
+    monkeypatch.setattr(ops, "GRAD_BLOCK_ROWS", 16)
+    blocked = []
+    original = ops.blocked_input_grad
+    monkeypatch.setattr(ops, "blocked_input_grad", lambda g, w: blocked.append(1) or original(g, w))
+    torch.manual_seed(7)
+    layer = torch.nn.Linear(16, 96).requires_grad_(False)
+    x = torch.randn(rows, 16, requires_grad=True)
+    y = frozen_linear(x, layer)
+    grad = torch.randn_like(y)
+    (gx,) = torch.autograd.grad(y, x, grad)
+    x_ref = x.detach().clone().requires_grad_(True)
+    y_ref = layer(x_ref)
+    (gx_ref,) = torch.autograd.grad(y_ref, x_ref, grad)
+    torch.testing.assert_close(y, y_ref)
+    torch.testing.assert_close(gx, gx_ref)
+    skinny = rows < 32
+    assert y.is_contiguous() == (not skinny or rows == 1)  # (1, out) is contiguous either way
+    assert blocked == ([1] if skinny else [])
+
+
+def test_a_small_weight_with_few_rows_stays_on_the_layer():
+    """Below SKINNY_MIN_WEIGHT the weight sits in cache and x W^T is as fast: the layer."""
+    layer = torch.nn.Linear(16, 96).requires_grad_(False)
+    assert layer.weight.numel() < ops.SKINNY_MIN_WEIGHT
+    assert frozen_linear(torch.randn(3, 16), layer).is_contiguous()
+
+
 def test_frozen_linear_still_gives_a_trainable_weight_its_gradient():
     """A weight that requires grad (not frozen after all) goes through autograd's own product,
     so it gets its gradient as the layer would give it."""

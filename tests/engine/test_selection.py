@@ -119,3 +119,38 @@ def test_scored_tokens_are_the_real_ones_evenly_strided():
     assert scored_tokens(x, mask, None).flatten().tolist() == [0, 1, 2, 5, 6, 7, 8, 9]
     assert scored_tokens(x, mask, 3).flatten().tolist() == [0, 6, 9]
     assert scored_tokens(x, mask, 100).shape == (8, 1)
+
+
+@pytest.mark.parametrize("per_token", [True, False])
+@pytest.mark.parametrize("length", [5, 37, 70])  # under, over and across the 32-row chunks
+def test_ffn_scores_are_the_column_norms_of_act_gate_times_up(per_token, length):
+    from sparselora.engine.selection import SCORE_CHUNK_ROWS, ffn_scores
+
+    assert SCORE_CHUNK_ROWS == 32  # the lengths above straddle it
+    generator = torch.Generator().manual_seed(0)
+    hidden, width = 6, 11
+    x = torch.randn(2, length, hidden, generator=generator)
+    mask = torch.ones(2, length, dtype=torch.bool)
+    mask[0, : length // 3] = False
+    w_gate = torch.randn(width, hidden, generator=generator)
+    w_up = torch.randn(width, hidden, generator=generator)
+    before = x.clone()
+
+    scores = ffn_scores(
+        x, mask, lambda p: p @ w_gate.T, lambda p: p @ w_up.T, torch.nn.SiLU(), per_token
+    )
+
+    weights = mask.float().unsqueeze(-1)
+    points = x[mask] if per_token else (x * weights).sum(1) / weights.sum(1)
+    expected = (torch.nn.functional.silu(points @ w_gate.T) * (points @ w_up.T)).norm(dim=0)
+    torch.testing.assert_close(scores, expected, rtol=1e-5, atol=1e-6)
+    assert torch.equal(x, before)
+
+
+def test_ffn_scores_of_no_tokens_are_zero_for_every_channel():
+    from sparselora.engine.selection import ffn_scores
+
+    x, mask = torch.randn(1, 4, 3), torch.zeros(1, 4, dtype=torch.bool)
+    w = torch.randn(5, 3)
+    scores = ffn_scores(x, mask, lambda p: p @ w.T, lambda p: p @ w.T, torch.nn.SiLU(), True)
+    assert torch.equal(scores, torch.zeros(5))

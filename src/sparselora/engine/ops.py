@@ -178,26 +178,38 @@ def cols_linear(
     return _sliced(x_kept, ((weight, cols),), bias, 1)
 
 
-TRANSPOSED_MIN_ROWS = 16  # below it (x W^T)'s backward through (W x^T)^T measured 2.2x slower
+TRANSPOSED_MIN_ROWS = 16  # from here, with enough outputs per row: (W x^T)^T, (W^T g^T)^T
 TRANSPOSED_MIN_RATIO = 4  # output channels per row from which the transposed product gains
+SKINNY_ROWS = 32  # below it, on a large weight: (W x^T)^T and a row-blocked input gradient
+SKINNY_MIN_WEIGHT = 1 << 22  # elements (16 MiB in float32): the weight streams from memory
+GRAD_BLOCK_ROWS, GRAD_MAX_BLOCKS = 256, 64  # row blocks of W in `blocked_input_grad`
 # SPARSELORA_TRANSPOSED_GEMMS=0 turns the transposed product off: a benchmark control, to tell
 # how much of a CPU speed-up is this GEMM-library effect rather than sparsity.
 TRANSPOSED_GEMMS = os.environ.get("SPARSELORA_TRANSPOSED_GEMMS", "1") != "0"
 
 
+def _skinny(rows: int, weight: torch.Tensor) -> bool:
+    """Few rows on a weight too large for the cache: the product is bound by reading W."""
+    return rows < SKINNY_ROWS and weight.numel() >= SKINNY_MIN_WEIGHT and weight.is_contiguous()
+
+
 def frozen_linear(x: torch.Tensor, layer: torch.nn.Module) -> torch.Tensor:
     """x (n, in) -> (n, out) through the whole frozen `layer` (nn.Linear or 4-bit): `layer(x)`.
 
-    On CPU, with a float weight, at least `TRANSPOSED_MIN_ROWS` rows and at least
-    `TRANSPOSED_MIN_RATIO` times as many output channels as rows (the dense answer tokens of a
-    sparse block, the LM head on read positions), the same product is computed as (W x^T)^T,
-    and its input gradient as (W^T g^T)^T: the GEMM library then splits the long side across
-    threads. Measured (docs/PERFORMANCE.md): 1.15-1.3x faster than x W^T for 16-512 rows of
-    the 8B FFN and attention shapes (8-112 outputs per row), but 2.2x slower for 3 rows and
-    0.95-1.0x on SmolLM2's shapes (1.1-3 outputs per row). The result is a transposed view;
-    element-wise ops keep that layout and a following `frozen_linear` reads it without a copy.
-    A layer with forward hooks (accelerate's device hooks, a user's) is called as a module, so
-    they run.
+    On CPU, with a float weight, the same product is computed as (W x^T)^T in two cases: the
+    GEMM library then splits the long side across threads, or streams W once at a better rate.
+    - at least `TRANSPOSED_MIN_ROWS` rows and at least `TRANSPOSED_MIN_RATIO` times as many
+      output channels as rows (the 128 dense answer tokens of a sparse block, the LM head on
+      read positions): input gradient (W^T g^T)^T. Measured 1.15-1.3x faster than x W^T for
+      16-512 rows of the 8B FFN and attention shapes (8-112 outputs per row), 0.95-1.0x on
+      SmolLM2's shapes (1.1-3 outputs per row), so not used there;
+    - fewer than `SKINNY_ROWS` rows on a weight of at least `SKINNY_MIN_WEIGHT` elements (the 3
+      dense tokens of a commonsense batch): input gradient `blocked_input_grad`. With so few
+      rows both products only stream W from memory; x W^T and g W do it at 6-7 GB/s on this
+      CPU, (W x^T)^T at 11 and the blocked gradient at 14-17 (docs/PERFORMANCE.md).
+    The result is a transposed view; element-wise ops keep that layout and a following
+    `frozen_linear` reads it without a copy. A layer with forward hooks (accelerate's device
+    hooks, a user's) is called as a module, so they run.
     """
     weight = layer.weight
     plain = type(layer) is torch.nn.Linear and x.device.type == "cpu" and x.dim() == 2
@@ -205,7 +217,7 @@ def frozen_linear(x: torch.Tensor, layer: torch.nn.Module) -> torch.Tensor:
         return layer(x)
     rows = x.shape[0]
     long_side = rows >= TRANSPOSED_MIN_ROWS and rows * TRANSPOSED_MIN_RATIO <= weight.shape[0]
-    if not (TRANSPOSED_GEMMS and long_side):
+    if not (TRANSPOSED_GEMMS and (long_side or _skinny(rows, weight))):
         return layer(x)
     # (n, out), column-major; a weight not frozen after all gets its gradient from autograd's mm
     y = torch.mm(weight, x.t()).t() if weight.requires_grad else TransposedLinear.apply(x, weight)
@@ -213,12 +225,14 @@ def frozen_linear(x: torch.Tensor, layer: torch.nn.Module) -> torch.Tensor:
 
 
 class TransposedLinear(torch.autograd.Function):
-    """y = (W x^T)^T for a frozen W, gradient for x only, computed as (W^T g^T)^T.
+    """y = (W x^T)^T for a frozen W, gradient for x only.
 
     Autograd's own backward of `mm(W, x.t())` matches the strides of x^T and multiplies
-    g (n, out) by W (out, in) with n rows; the transposed product again lets the GEMM library
-    split the long side (1.1-1.2x on the 8B FFN and attention shapes with 128 rows,
-    docs/PERFORMANCE.md). Saves only W (the Parameter itself), as autograd would.
+    g (n, out) by W (out, in) with n rows. Here the input gradient is (W^T g^T)^T, where the
+    transposed product again lets the GEMM library split the long side (1.1-1.2x on the 8B FFN
+    and attention shapes with 128 rows, docs/PERFORMANCE.md); for a skinny g on a large W, where
+    that product is 10-100x slower, it is `blocked_input_grad`. Saves only W (the Parameter
+    itself), as autograd would.
     """
 
     @staticmethod
@@ -229,7 +243,31 @@ class TransposedLinear(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         (weight,) = ctx.saved_tensors
+        if _skinny(grad.shape[0], weight):
+            return blocked_input_grad(grad, weight), None
         return torch.mm(weight.t(), grad.t()).t(), None  # (n, in), column-major
+
+
+def blocked_input_grad(grad: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """grad (n, out) @ weight (out, in) -> (n, in), as a sum over row blocks of W.
+
+    One batched product of each block's (n, rows) gradient slice with its (rows, in) rows of W,
+    then a sum over the (at most `GRAD_MAX_BLOCKS`) partial products; the rows past the last
+    whole block are added by one more product. For few rows this reads W at 2-2.5x the rate of
+    `grad @ weight` (the blocks run as independent small GEMMs). W must be contiguous.
+    """
+    n, out = grad.shape
+    rows = max(GRAD_BLOCK_ROWS, -(-out // GRAD_MAX_BLOCKS))
+    blocks = out // rows
+    if blocks < 2:
+        return grad.mm(weight)
+    whole = blocks * rows
+    grad_blocks = grad[:, :whole].reshape(n, blocks, rows).transpose(0, 1)  # (blocks, n, rows)
+    weight_blocks = weight[:whole].view(blocks, rows, weight.shape[1])  # (blocks, rows, in)
+    result = torch.bmm(grad_blocks, weight_blocks).sum(0)
+    if whole < out:
+        result.addmm_(grad[:, whole:], weight[whole:])
+    return result
 
 
 def has_hooks(module: torch.nn.Module) -> bool:
