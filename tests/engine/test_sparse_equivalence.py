@@ -87,9 +87,7 @@ def test_dense_tokens_through_transposed_gemms_match_the_reference(case, padding
 
 @pytest.mark.parametrize("padding", ["left", "right"])
 @pytest.mark.parametrize("case", ["gqa-mlp-lora", "gqa-bias", "mqa-mlp-lora-sparse-branch"])
-def test_few_dense_tokens_through_the_skinny_gemms_match_the_reference(
-    case, padding, monkeypatch
-):
+def test_few_dense_tokens_through_the_skinny_gemms_match_the_reference(case, padding, monkeypatch):
     """4 dense tokens (4 rows with 1 answer token each, as a commonsense batch has few): with
     the weight-size floor lowered to the tiny model's, their frozen GEMMs run as (W x^T)^T with
     the row-blocked input gradient (`ops.blocked_input_grad`, blocks of 16 rows); still equal
