@@ -10,7 +10,9 @@ FFN (frozen gate, up, down; no LoRA on the MLP, the paper's setting)
   split+stack:  the same, gate and up as ONE sliced GEMM over their stacked kept rows
   split+stack+Tf: and the dense tokens' GEMMs as (W x^T)^T, autograd's own backward (the
                 layout of the first `ops.frozen_linear`)
-  split+stack+T: and through `ops.frozen_linear` as it is: backward as (W^T g^T)^T too
+  split+stack+T: and through `ops.frozen_linear` as it is: backward as (W^T g^T)^T too, or,
+                for fewer than `ops.SKINNY_ROWS` dense rows on a large weight (the 3 of
+                llama3-8b-csr), as `ops.blocked_input_grad`
   all+rest:     kept channels for ALL tokens in one GEMM (gate and up stacked), the remaining
                 channels for the dense tokens only; no permutation, but the remaining rows of
                 each weight are gathered (most of the weight at high sparsity)
