@@ -149,11 +149,12 @@ def test_frozen_linear_equals_the_layer_in_either_orientation(rows, with_bias):
 )
 @pytest.mark.parametrize("transposed", [False, True])
 def test_blocked_input_grad_equals_grad_times_weight(out, block, transposed, monkeypatch):
-    """Sum over row blocks of W (with the rows past the last whole block, with at most
-    GRAD_MAX_BLOCKS blocks, with fewer than 2 blocks as one product) is grad @ W, for a
+    """Sum over row blocks of W (with the rows past the last whole block, with larger blocks
+    where the partial products would pass GRAD_PARTIALS_BYTES, with fewer than 2 blocks as
+    one product) is grad @ W, for a
     contiguous gradient and for the column-major one a transposed product returns."""
     monkeypatch.setattr(ops, "GRAD_BLOCK_ROWS", block)
-    monkeypatch.setattr(ops, "GRAD_MAX_BLOCKS", 8)
+    monkeypatch.setattr(ops, "GRAD_PARTIALS_BYTES", 8 * 3 * 12 * 4)  # 8 blocks of (3, 12)
     torch.manual_seed(6)
     weight = torch.randn(out, 12)
     grad = torch.randn(out, 3).t() if transposed else torch.randn(3, out)

@@ -182,7 +182,8 @@ TRANSPOSED_MIN_ROWS = 16  # from here, with enough outputs per row: (W x^T)^T, (
 TRANSPOSED_MIN_RATIO = 4  # output channels per row from which the transposed product gains
 SKINNY_ROWS = 32  # below it, on a large weight: (W x^T)^T and a row-blocked input gradient
 SKINNY_MIN_WEIGHT = 1 << 22  # elements (16 MiB in float32): the weight streams from memory
-GRAD_BLOCK_ROWS, GRAD_MAX_BLOCKS = 256, 64  # row blocks of W in `blocked_input_grad`
+GRAD_BLOCK_ROWS = 256  # rows of W per block in `blocked_input_grad`, at least
+GRAD_PARTIALS_BYTES = 64 << 20  # ... and larger blocks where the partial products would exceed it
 # SPARSELORA_TRANSPOSED_GEMMS=0 turns the transposed product off: a benchmark control, to tell
 # how much of a CPU speed-up is this GEMM-library effect rather than sparsity.
 TRANSPOSED_GEMMS = os.environ.get("SPARSELORA_TRANSPOSED_GEMMS", "1") != "0"
@@ -252,12 +253,14 @@ def blocked_input_grad(grad: torch.Tensor, weight: torch.Tensor) -> torch.Tensor
     """grad (n, out) @ weight (out, in) -> (n, in), as a sum over row blocks of W.
 
     One batched product of each block's (n, rows) gradient slice with its (rows, in) rows of W,
-    then a sum over the (at most `GRAD_MAX_BLOCKS`) partial products; the rows past the last
-    whole block are added by one more product. For few rows this reads W at 2-2.5x the rate of
-    `grad @ weight` (the blocks run as independent small GEMMs). W must be contiguous.
+    then a sum over the (blocks, n, in) partial products, kept under `GRAD_PARTIALS_BYTES` by
+    larger blocks; the rows past the last whole block are added by one more product. For few
+    rows this reads W at 1.5-2.5x the rate of `grad @ weight` (the blocks run as independent
+    small GEMMs). W must be contiguous.
     """
     n, out = grad.shape
-    rows = max(GRAD_BLOCK_ROWS, -(-out // GRAD_MAX_BLOCKS))
+    per_block = n * weight.shape[1] * grad.element_size()  # bytes of one partial product
+    rows = max(GRAD_BLOCK_ROWS, -(-out // max(1, GRAD_PARTIALS_BYTES // per_block)))
     blocks = out // rows
     if blocks < 2:
         return grad.mm(weight)
