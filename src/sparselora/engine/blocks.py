@@ -154,10 +154,11 @@ class SparseBlock:
         flat = x.reshape(-1, x.shape[-1])  # (B*L, H)
         if split.all_sparse:
             return self._sparse_mlp(flat, self._ffn_channels(batch, x)).view_as(x)
-        x_sparse, x_dense = split.split(flat)
         y_sparse = flat.new_zeros(0, x.shape[-1])
         if split.sparse_rows.numel():
-            y_sparse = self._sparse_mlp(x_sparse, self._ffn_channels(batch, x))
+            keep = self._ffn_channels(batch, x)
+            y_sparse = self._sparse_mlp(flat.index_select(0, split.sparse_rows), keep)
+        x_dense = flat.index_select(0, split.dense_rows)
         if self._own_dense_mlp():
             y_dense = self._dense_mlp(x_dense)
         else:
@@ -181,10 +182,11 @@ class SparseBlock:
         if split.all_sparse:
             channels = self._kept(batch, x, name)
             return sparse_fn(module, flat, channels).view(*x.shape[:-1], -1)
-        x_sparse, x_dense = split.split(flat)
         y_sparse = flat.new_zeros(0, base_linear(module).out_features)
         if split.sparse_rows.numel():
-            y_sparse = sparse_fn(module, x_sparse, self._kept(batch, x, name))
+            channels = self._kept(batch, x, name)
+            y_sparse = sparse_fn(module, flat.index_select(0, split.sparse_rows), channels)
+        x_dense = flat.index_select(0, split.dense_rows)
         if not args and not kwargs and _computable(module):
             y_dense = ops.frozen_linear(x_dense, base_linear(module))
             y_dense = plus_adapters(module, y_dense, x_dense)

@@ -62,61 +62,10 @@ class TokenSplit:
 
     def merge(self, y_sparse: torch.Tensor, y_dense: torch.Tensor) -> torch.Tensor:
         """(n_s, C) and (n_d, C) -> (B*L, C) in token order, zeros at skipped rows."""
-        if y_sparse.dtype == y_dense.dtype and y_sparse.device == y_dense.device:
-            return _MergeRows.apply(y_sparse, y_dense, self)
-        parts = [y_sparse, y_dense]  # mixed dtypes (autocast): cat promotes
+        parts = [y_sparse, y_dense]
         if self.skip_rows.numel():
             parts.append(y_dense.new_zeros(self.skip_rows.numel(), y_dense.shape[-1]))
         return torch.cat(parts).index_select(0, self.inverse)
-
-    def split(self, flat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(B*L, C) -> its sparse rows (n_s, C) and dense rows (n_d, C)."""
-        return _SplitRows.apply(flat, self)
-
-
-class _MergeRows(torch.autograd.Function):
-    """`TokenSplit.merge`: each set's rows copied into one uninitialised (B*L, C) tensor (the sets
-    and the zeroed skipped rows cover it), and in backward each set's rows of the gradient
-    gathered. The plain `cat` + `index_select` costs a second (B*L, C) copy in forward and a
-    zero fill plus a scatter in backward, on every projection of a sparse block."""
-
-    @staticmethod
-    def forward(ctx, y_sparse, y_dense, split):
-        ctx.split = split
-        out = y_dense.new_empty(split.num_tokens, y_dense.shape[-1])
-        out.index_copy_(0, split.sparse_rows, y_sparse)
-        out.index_copy_(0, split.dense_rows, y_dense)
-        if split.skip_rows.numel():
-            out.index_fill_(0, split.skip_rows, 0)
-        return out
-
-    @staticmethod
-    def backward(ctx, grad):
-        split = ctx.split
-        g_sparse = grad.index_select(0, split.sparse_rows) if ctx.needs_input_grad[0] else None
-        g_dense = grad.index_select(0, split.dense_rows) if ctx.needs_input_grad[1] else None
-        return g_sparse, g_dense, None
-
-
-class _SplitRows(torch.autograd.Function):
-    """`TokenSplit.split`: two gathers, and in backward one (B*L, C) gradient with each set's
-    rows copied in and the skipped rows zeroed, instead of one zero-filled (B*L, C) tensor and a
-    scatter per set, then their sum."""
-
-    @staticmethod
-    def forward(ctx, flat, split):
-        ctx.split, ctx.shape = split, flat.shape
-        return flat.index_select(0, split.sparse_rows), flat.index_select(0, split.dense_rows)
-
-    @staticmethod
-    def backward(ctx, g_sparse, g_dense):  # both materialised: zeros for an unused output
-        split = ctx.split
-        grad = g_dense.new_empty(ctx.shape)
-        grad.index_copy_(0, split.sparse_rows, g_sparse)
-        grad.index_copy_(0, split.dense_rows, g_dense)
-        if split.skip_rows.numel():
-            grad.index_fill_(0, split.skip_rows, 0)
-        return grad, None
 
 
 @dataclass
