@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -170,3 +172,12 @@ def train_tiny_run(root, layers: int, hidden: int, *overrides: str):
         "sparselora.calibration_tokens=1", *overrides,
     ]))  # fmt: skip
     return root / "run"
+
+
+def load_benchmark(name: str):
+    """benchmarks/<name>.py (a script folder, not a package) as a module."""
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module

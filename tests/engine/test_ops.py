@@ -122,15 +122,10 @@ def test_autocast_bfloat16_gradients_come_back_in_the_input_dtype():
     torch.testing.assert_close(gx, gx_ref, rtol=2e-2, atol=2e-2)
 
 
-@pytest.mark.parametrize("rows", [3, 20, 30])
-@pytest.mark.parametrize("with_bias", [False, True])
-def test_frozen_linear_equals_the_layer_in_either_orientation(rows, with_bias):
-    """From TRANSPOSED_MIN_ROWS (16) rows, with at least 4 output channels (96) per row:
-    computed as (W x^T)^T, its input gradient as (W^T g^T)^T (transposed results); fewer rows
-    or fewer outputs per row: the layer itself. Output and input gradient equal the layer's."""
-    torch.manual_seed(4)
-    layer = torch.nn.Linear(16, 96, bias=with_bias).requires_grad_(False)
-    x = torch.randn(rows, 16, requires_grad=True)
+def frozen_linear_checked(layer: torch.nn.Linear, rows: int):
+    """`frozen_linear` on (rows, in) random inputs: its output and input gradient, checked
+    equal to the layer's own."""
+    x = torch.randn(rows, layer.in_features, requires_grad=True)
     y = frozen_linear(x, layer)
     grad = torch.randn_like(y)
     (gx,) = torch.autograd.grad(y, x, grad)
@@ -139,6 +134,18 @@ def test_frozen_linear_equals_the_layer_in_either_orientation(rows, with_bias):
     (gx_ref,) = torch.autograd.grad(y_ref, x_ref, grad)
     torch.testing.assert_close(y, y_ref)
     torch.testing.assert_close(gx, gx_ref)
+    return y, gx
+
+
+@pytest.mark.parametrize("rows", [3, 20, 30])
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_frozen_linear_equals_the_layer_in_either_orientation(rows, with_bias):
+    """From TRANSPOSED_MIN_ROWS (16) rows, with at least 4 output channels (96) per row:
+    computed as (W x^T)^T, its input gradient as (W^T g^T)^T (transposed results); fewer rows
+    or fewer outputs per row: the layer itself. Output and input gradient equal the layer's."""
+    torch.manual_seed(4)
+    layer = torch.nn.Linear(16, 96, bias=with_bias).requires_grad_(False)
+    y, gx = frozen_linear_checked(layer, rows)
     assert y.is_contiguous() == (rows != 20)  # transposed only for 16 <= rows <= 96 / 4
     assert gx.is_contiguous() == (rows != 20)
 
@@ -173,15 +180,7 @@ def test_frozen_linear_on_a_large_weight_with_few_rows(rows, monkeypatch):
     monkeypatch.setattr(ops, "blocked_input_grad", lambda g, w: blocked.append(1) or original(g, w))
     torch.manual_seed(7)
     layer = torch.nn.Linear(16, 96).requires_grad_(False)
-    x = torch.randn(rows, 16, requires_grad=True)
-    y = frozen_linear(x, layer)
-    grad = torch.randn_like(y)
-    (gx,) = torch.autograd.grad(y, x, grad)
-    x_ref = x.detach().clone().requires_grad_(True)
-    y_ref = layer(x_ref)
-    (gx_ref,) = torch.autograd.grad(y_ref, x_ref, grad)
-    torch.testing.assert_close(y, y_ref)
-    torch.testing.assert_close(gx, gx_ref)
+    y, gx = frozen_linear_checked(layer, rows)
     skinny = rows < 32
     assert y.is_contiguous() == (not skinny or rows == 1)  # (1, out) is contiguous either way
     assert blocked == ([1] if skinny else [])

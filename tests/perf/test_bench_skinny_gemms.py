@@ -3,19 +3,13 @@ first, and the table has a row per row count with each variant's time and read r
 
 from __future__ import annotations
 
-import importlib.util
 import sys
-from pathlib import Path
 
 import pytest
 import torch
+from conftest import load_benchmark
 
-ROOT = Path(__file__).resolve().parents[2]
-spec = importlib.util.spec_from_file_location(
-    "bench_skinny_gemms", ROOT / "benchmarks/bench_skinny_gemms.py"
-)
-bench = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(bench)
+bench = load_benchmark("bench_skinny_gemms")
 
 
 def test_every_product_is_timed_per_row_count(monkeypatch, capsys):

@@ -3,20 +3,14 @@ input gradient (checked before timing), and the engine's transposed GEMMs really
 
 from __future__ import annotations
 
-import importlib.util
 import sys
-from pathlib import Path
 
 import pytest
+from conftest import load_benchmark
 
 from sparselora.engine import ops
 
-ROOT = Path(__file__).resolve().parents[2]
-spec = importlib.util.spec_from_file_location(
-    "bench_sparse_gemms", ROOT / "benchmarks/bench_sparse_gemms.py"
-)
-bench = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(bench)
+bench = load_benchmark("bench_sparse_gemms")
 
 
 def test_every_layout_is_checked_and_timed(monkeypatch, capsys):

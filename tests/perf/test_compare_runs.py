@@ -3,16 +3,13 @@ step number (runs of different lengths); same-time losses interpolate the first 
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
 import pytest
+from conftest import load_benchmark
 
-ROOT = Path(__file__).resolve().parents[2]
-spec = importlib.util.spec_from_file_location("compare_runs", ROOT / "benchmarks/compare_runs.py")
-compare_runs = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(compare_runs)
+compare_runs = load_benchmark("compare_runs")
 
 
 def write_run(folder: Path, method: str, evals: list[tuple[int, float, float, float]]) -> Path:
