@@ -239,12 +239,13 @@ class TransposedLinear(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight):
         ctx.save_for_backward(weight)
+        ctx.skinny = _skinny(x.shape[0], weight)  # g has x's rows: decided once, here
         return torch.mm(weight, x.t()).t()  # (n, out), column-major
 
     @staticmethod
     def backward(ctx, grad):
         (weight,) = ctx.saved_tensors
-        if _skinny(grad.shape[0], weight):
+        if ctx.skinny:
             return blocked_input_grad(grad, weight), None
         return torch.mm(weight.t(), grad.t()).t(), None  # (n, in), column-major
 
