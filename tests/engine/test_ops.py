@@ -186,6 +186,15 @@ def test_frozen_linear_on_a_large_weight_with_few_rows(rows, monkeypatch):
     assert blocked == ([1] if skinny else [])
 
 
+def test_a_trainable_weight_with_few_rows_stays_on_the_layer(monkeypatch):
+    """Few rows on a large weight that requires grad: autograd's backward of the transposed
+    product would be (W^T g^T)^T, 10-100x slower there, so the layer computes it."""
+    monkeypatch.setattr(ops, "SKINNY_MIN_WEIGHT", 96 * 16)
+    layer = torch.nn.Linear(16, 96)
+    assert frozen_linear(torch.randn(3, 16), layer).is_contiguous()
+    assert not frozen_linear(torch.randn(3, 16), layer.requires_grad_(False)).is_contiguous()
+
+
 def test_a_small_weight_with_few_rows_stays_on_the_layer():
     """Below SKINNY_MIN_WEIGHT the weight sits in cache and x W^T is as fast: the layer."""
     layer = torch.nn.Linear(16, 96).requires_grad_(False)

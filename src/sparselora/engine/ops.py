@@ -218,7 +218,9 @@ def frozen_linear(x: torch.Tensor, layer: torch.nn.Module) -> torch.Tensor:
         return layer(x)
     rows = x.shape[0]
     long_side = rows >= TRANSPOSED_MIN_ROWS and rows * TRANSPOSED_MIN_RATIO <= weight.shape[0]
-    if not (TRANSPOSED_GEMMS and (long_side or _skinny(rows, weight))):
+    # a trainable weight would take autograd's (W^T g^T)^T backward, 10-100x slower when skinny
+    skinny = _skinny(rows, weight) and not weight.requires_grad
+    if not (TRANSPOSED_GEMMS and (long_side or skinny)):
         return layer(x)
     # (n, out), column-major; a weight not frozen after all gets its gradient from autograd's mm
     y = torch.mm(weight, x.t()).t() if weight.requires_grad else TransposedLinear.apply(x, weight)
